@@ -1,0 +1,119 @@
+"""The LightningDataModule: whole splits in memory as uint8 tensors, one index gather per batch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from digitnet.data.idx import load_split
+from digitnet.errors import DigitnetError
+
+
+class TensorBatches(Dataset):
+    """Images uint8 [N,28,28] and labels [N]; `__getitems__` lets the DataLoader fetch a whole batch
+    with one gather instead of collating N single samples."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.images[i], self.labels[i]
+
+    def __getitems__(self, indices: list[int]):
+        index = torch.as_tensor(indices)
+        return self.images[index], self.labels[index]
+
+
+def _whole_batch(batch):
+    """The batch is already assembled by `__getitems__`."""
+    return batch
+
+
+def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded (train_idx, val_idx) with every class in val in proportion to its share of `labels`."""
+    generator = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(labels), generator=generator)
+    by_class = perm[torch.argsort(labels[perm], stable=True)]  # shuffled within each class
+    counts = torch.bincount(labels)
+    quota = counts * val_size / len(labels)
+    take = quota.floor().long()
+    # largest remainders get the leftover samples so the quotas add up to val_size exactly
+    take[torch.argsort(quota - take, descending=True)[: val_size - int(take.sum())]] += 1
+    starts = torch.cumsum(counts, 0) - counts
+    is_val = torch.zeros(len(labels), dtype=torch.bool)
+    for start, k in zip(starts.tolist(), take.tolist()):
+        is_val[by_class[start : start + k]] = True
+    val_idx = torch.nonzero(is_val).squeeze(1)
+    return torch.nonzero(~is_val).squeeze(1), val_idx[torch.randperm(len(val_idx), generator=generator)]
+
+
+class DigitDataModule(L.LightningDataModule):
+    """MNIST or Fashion-MNIST: stratified train/val split of the 60k set, the official 10k as test.
+
+    Batches are (uint8 [B,28,28], int64 [B]); conversion and augmentation happen on the training
+    device in `DigitClassifier.on_after_batch_transfer`.
+    """
+
+    def __init__(
+        self,
+        name: str = "mnist",
+        root: str | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int = 1000,
+        val_size: int = 5000,
+        seed: int = 0,
+        num_workers: int = 0,
+        class_names: Sequence[str] | None = None,
+        download: bool = True,
+    ):
+        super().__init__()
+        self.name, self.root, self.download = name, root, download
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.val_size, self.seed, self.num_workers = val_size, seed, num_workers
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(10)]
+        self.train_set = self.val_set = self.test_set = None
+
+    def prepare_data(self) -> None:
+        load_split(self.name, "test", self.root, self.download)  # downloads once, on rank 0
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in ("fit", "validate", None) and self.train_set is None:
+            images, labels = load_split(self.name, "train", self.root, self.download)
+            if not 0 < self.val_size < len(labels):
+                raise DigitnetError(
+                    f"data.val_size={self.val_size} must be between 1 and {len(labels) - 1} "
+                    f"(the {self.name} training set has {len(labels)} images)"
+                )
+            train_idx, val_idx = stratified_split(labels, self.val_size, self.seed)
+            self.train_set = TensorBatches(images[train_idx], labels[train_idx])
+            self.val_set = TensorBatches(images[val_idx], labels[val_idx])
+        if stage in ("test", None) and self.test_set is None:
+            self.test_set = TensorBatches(*load_split(self.name, "test", self.root, self.download))
+
+    def _loader(self, dataset: TensorBatches, batch_size: int, train: bool = False) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            drop_last=train and len(dataset) > batch_size,  # no tiny last batch for BatchNorm
+            collate_fn=_whole_batch,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, self.eval_batch_size)
+

@@ -1,0 +1,30 @@
+"""The classic PyTorch MNIST example network: two convs, max-pool, dropout, two linear layers."""
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from digitnet.models import register
+
+
+@register("cnn")
+class CNN(nn.Sequential):
+    def __init__(
+        self,
+        num_classes: int = 10,
+        channels: Sequence[int] = (32, 64),
+        hidden: int = 128,
+        dropout_conv: float = 0.25,
+        dropout_fc: float = 0.5,
+    ):
+        c1, c2 = channels
+        super().__init__(
+            nn.Conv2d(1, c1, 3), nn.ReLU(inplace=True),  # 28 -> 26
+            nn.Conv2d(c1, c2, 3), nn.ReLU(inplace=True),  # 26 -> 24
+            nn.MaxPool2d(2),  # 24 -> 12
+            nn.Dropout(dropout_conv),
+            nn.Flatten(),
+            nn.Linear(c2 * 12 * 12, hidden), nn.ReLU(inplace=True),
+            nn.Dropout(dropout_fc),
+            nn.Linear(hidden, num_classes),
+        )

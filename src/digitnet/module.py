@@ -1,0 +1,125 @@
+"""The LightningModule: standardise -> backbone, cross-entropy, accuracy metrics, optimizer + schedule."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import lightning as L
+import matplotlib
+import torch
+import torchvision
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+from torchmetrics import MaxMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from digitnet.data.augment import build_augment
+from digitnet.errors import DigitnetError
+from digitnet.models import PerImageStandardize, build_backbone
+from digitnet.optim import build_optimizer, build_scheduler
+
+matplotlib.use("Agg")  # confusion matrices are rendered off-screen, also on machines without a display
+
+
+class DigitClassifier(L.LightningModule):
+    """Classifies 28x28 grayscale images; `net` maps float [B,1,28,28] at any pixel scale to logits."""
+
+    def __init__(
+        self,
+        model: Mapping,
+        optim: Mapping | None = None,
+        sched: Mapping | None = None,
+        aug: Mapping | None = None,
+        class_names: Sequence[str] = tuple(str(i) for i in range(10)),
+        data_name: str = "mnist",
+        label_smoothing: float = 0.0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        backbone_cfg = dict(model)
+        self.net = nn.Sequential(
+            PerImageStandardize(), build_backbone(num_classes=len(class_names), **backbone_cfg)
+        )
+        self.augment = build_augment(aug or {})
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        num_classes = len(class_names)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc_best = MaxMetric()
+        self.val_confusion = MulticlassConfusionMatrix(num_classes)
+        self.test_confusion = MulticlassConfusionMatrix(num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """uint8 [B,28,28] -> float [B,1,28,28] in [0,1] on the device; augment training batches there."""
+        x, y = batch
+        x = x.unsqueeze(1).float().div_(255)
+        if self.trainer is not None and self.trainer.training:
+            x = self.augment(x)
+        return x, y
+
+    def _step(self, batch):
+        x, y = batch
+        logits = self(x)
+        return self.criterion(logits, y), logits.argmax(1), y
+
+    def training_step(self, batch, batch_idx: int):
+        loss, preds, y = self._step(batch)
+        if not torch.isfinite(loss):
+            raise DigitnetError(
+                f"training loss became {loss.item()} at epoch {self.current_epoch}, step {self.global_step}; "
+                "the last good checkpoint is checkpoints/last.ckpt. Lower optim.lr or add a warmup (sched=cosine)"
+            )
+        if batch_idx == 0:
+            self._log_images("train/augmented_samples", batch[0])
+        self.train_acc(preds, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def on_train_start(self):
+        self.val_acc_best.reset()  # forget the sanity-check validation
+
+    def validation_step(self, batch, batch_idx: int):
+        loss, preds, y = self._step(batch)
+        self.val_acc(preds, y)
+        self.val_confusion.update(preds, y)
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+
+    def on_validation_epoch_end(self):
+        self.val_acc_best(self.val_acc.compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+        self._log_confusion("val/confusion_matrix", self.val_confusion)
+
+    def test_step(self, batch, batch_idx: int):
+        loss, preds, y = self._step(batch)
+        self.test_acc(preds, y)
+        self.test_confusion.update(preds, y)
+        self.log("test/loss", loss)
+        self.log("test/acc", self.test_acc)
+
+    def on_test_epoch_end(self):
+        self._log_confusion("test/confusion_matrix", self.test_confusion)
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.net, self.hparams.optim)
+        scheduler = build_scheduler(optimizer, self.hparams.sched, int(self.trainer.estimated_stepping_batches))
+        return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def _tensorboard(self):
+        return next((lg.experiment for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+    def _log_images(self, tag: str, x: torch.Tensor):
+        """A grid of what the model sees (after augmentation), once per epoch."""
+        if (board := self._tensorboard()) is not None:
+            board.add_image(tag, torchvision.utils.make_grid(x[:64].clamp(0, 1), nrow=8), self.current_epoch)
+
+    def _log_confusion(self, tag: str, metric: MulticlassConfusionMatrix):
+        if (board := self._tensorboard()) is not None and not self.trainer.sanity_checking:
+            fig, _ = metric.plot(labels=list(self.hparams.class_names))
+            board.add_figure(tag, fig, self.global_step)
+        metric.reset()

@@ -1,0 +1,87 @@
+"""One training run: fit, test the best checkpoint, write metrics.json, return the optimised metric."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from digitnet.config import validate
+from digitnet.errors import DigitnetError
+from digitnet.module import DigitClassifier
+
+log = logging.getLogger(__name__)
+
+
+def _instantiate_all(group: DictConfig | None) -> list:
+    """Every entry of a config dict that has a `_target_` (entries set to null are switched off)."""
+    return [instantiate(c) for c in (group or {}).values() if c is not None and "_target_" in c]
+
+
+def build_module(cfg: DictConfig) -> DigitClassifier:
+    return DigitClassifier(
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        sched=OmegaConf.to_container(cfg.sched, resolve=True),
+        aug=OmegaConf.to_container(cfg.aug, resolve=True),
+        class_names=list(cfg.data.class_names),
+        data_name=cfg.data.name,
+        label_smoothing=cfg.label_smoothing,
+    )
+
+
+def _scalars(trainer: L.Trainer) -> dict:
+    return {k: v.item() for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+
+def _final_metrics(trainer: L.Trainer, module: DigitClassifier, fit_metrics: dict, fit_seconds: float) -> dict:
+    metrics = {**fit_metrics, **_scalars(trainer)}
+    metrics.update(
+        epochs=trainer.current_epoch,
+        train_seconds=round(fit_seconds, 3),
+        params=sum(p.numel() for p in module.parameters()),
+        best_checkpoint=trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None,
+    )
+    for callback in trainer.callbacks:  # e.g. the ONNX export adds its verification results
+        metrics.update(getattr(callback, "run_metrics", {}))
+    return metrics
+
+
+def train(cfg: DictConfig) -> float | list[float]:
+    """Train as `cfg` says; returns `cfg.optimized_metric` (a list of values for a list of metrics)."""
+    validate(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.paths.output_dir)
+    datamodule = instantiate(cfg.data)
+    module = build_module(cfg)
+    loggers = _instantiate_all(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=loggers or False, default_root_dir=run_dir
+    )
+
+    start = time.perf_counter()
+    trainer.fit(module, datamodule, ckpt_path=cfg.ckpt_path)
+    fit_seconds = time.perf_counter() - start
+    fit_metrics = _scalars(trainer)  # testing replaces the trainer's metrics
+    if cfg.test:
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.test(module, datamodule, ckpt_path=best or None, verbose=False)
+
+    metrics = _final_metrics(trainer, module, fit_metrics, fit_seconds)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    for logger in loggers:  # fills TensorBoard's hparams table
+        scalars = {k: v for k, v in metrics.items() if "/" in k and isinstance(v, (int, float))}
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True), scalars)
+    log.info("run dir: %s  (test/acc=%s)", run_dir.resolve(), metrics.get("test/acc"))
+
+    wanted = [cfg.optimized_metric] if isinstance(cfg.optimized_metric, str) else list(cfg.optimized_metric)
+    unknown = [name for name in wanted if name not in metrics]
+    if unknown:
+        raise DigitnetError(f"optimized_metric {unknown} not among this run's metrics: {sorted(metrics)}")
+    values = [metrics[name] for name in wanted]
+    return values[0] if isinstance(cfg.optimized_metric, str) else values

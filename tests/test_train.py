@@ -1,0 +1,80 @@
+"""End-to-end training: every model x data x aug combination, a real short run, resume, seeding."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from conftest import compose_config, run_train
+from digitnet.errors import DigitnetError
+from digitnet.module import DigitClassifier
+from digitnet.train import train
+
+MODELS, DATA, AUGS = ["mlp", "cnn", "resnet", "convnext"], ["mnist", "fashion"], ["none", "light", "strong", "camera"]
+QUIET = ["logger=none", "callbacks.progress_bar=null", "callbacks.model_summary=null"]
+
+
+@pytest.mark.parametrize("model, data, aug", list(itertools.product(MODELS, DATA, AUGS)))
+def test_every_combination_runs(real_data, tmp_path, model, data, aug):
+    cfg = compose_config(f"model={model}", f"data={data}", f"aug={aug}", "debug=fast_dev_run", *QUIET, output_dir=tmp_path)
+    val_acc_best = train(cfg)
+    assert 0.0 <= val_acc_best <= 1.0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["test/loss"] > 0 and metrics["params"] > 10_000
+
+
+def test_short_real_run_writes_the_run_dir(real_data, tmp_path):
+    run = run_train("model=mlp", "trainer.max_epochs=2", "trainer.limit_train_batches=60", "aug=light", run_dir=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("test/acc", "test/loss", "val/acc_best", "val/acc", "epochs", "train_seconds", "params"):
+        assert key in metrics
+    assert metrics["test/acc"] > 0.85 and metrics["epochs"] == 2 and metrics["params"] == 109_386
+    assert (tmp_path / ".hydra" / "config.yaml").is_file()
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+    # the best checkpoint holds what is needed to rebuild the model
+    model = DigitClassifier.load_from_checkpoint(metrics["best_checkpoint"], map_location="cpu")
+    assert model.hparams.model["name"] == "mlp" and model.hparams.data_name == "mnist"
+    assert str(tmp_path) in run.stdout + run.stderr  # the run says where its outputs are
+
+    resumed = run_train(
+        "model=mlp", "trainer.max_epochs=3", "trainer.limit_train_batches=60", "aug=light",
+        f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", run_dir=tmp_path / "resumed",
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert again["epochs"] == 3  # continued from epoch 2 instead of starting over
+    assert "Restoring states from the checkpoint" in resumed.stdout + resumed.stderr
+
+
+def test_same_seed_same_metrics(real_data, tmp_path):
+    def run(name):
+        overrides = ["model=cnn", "aug=strong", "trainer.max_epochs=1", "trainer.limit_train_batches=8",
+                     "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "seed=7"]
+        cfg = compose_config(*overrides, *QUIET, output_dir=tmp_path / name)
+        train(cfg)
+        return json.loads((tmp_path / name / "metrics.json").read_text())
+
+    first, second = run("a"), run("b")
+    assert first["test/loss"] == second["test/loss"] and first["val/acc"] == second["val/acc"]
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_last_good_checkpoint(real_data, tmp_path, monkeypatch):
+    original = DigitClassifier._step
+
+    def poisoned(self, batch):
+        loss, preds, y = original(self, batch)
+        return (loss * float("nan") if self.current_epoch == 1 else loss), preds, y
+
+    monkeypatch.setattr(DigitClassifier, "_step", poisoned)
+    cfg = compose_config("model=mlp", "trainer.max_epochs=3", "trainer.limit_train_batches=5",
+                         "trainer.limit_val_batches=2", *QUIET, output_dir=tmp_path)
+    with pytest.raises(DigitnetError, match="training loss became nan at epoch 1"):
+        train(cfg)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["epoch"] == 0  # written after the good epoch 0, untouched by the NaN epoch
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
