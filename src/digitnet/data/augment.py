@@ -83,18 +83,19 @@ def _random_affine_theta(
 def _gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
     """Blur each sample of ``x = [B, C, H, W]`` with its own Gaussian ``sigma = [B]`` (pixels).
 
-    One separable grouped convolution for the whole batch; edges are replicated.
+    A separable blur is two small matrix products, ``K_h @ x @ K_w^T``, with one Gaussian
+    matrix per sample: batched, no per-sample kernels or padding. Rows are renormalised to
+    sum to 1 (weight falling outside the image goes to the pixels inside), so flat stays flat.
     """
-    b, c, h, w = x.shape
-    radius = max(1, math.ceil(3 * float(sigma.max())))
-    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    kernel = torch.exp(-0.5 * (offsets / sigma.to(x.dtype)[:, None]) ** 2)
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # [B*C, K]
-    flat = x.reshape(1, b * c, h, w)
-    flat = F.pad(flat, (radius, radius, radius, radius), mode="replicate")
-    flat = F.conv2d(flat, kernel[:, None, None, :], groups=b * c)
-    flat = F.conv2d(flat, kernel[:, None, :, None], groups=b * c)
-    return flat.reshape(b, c, h, w)
+
+    def gaussian_matrix(n: int) -> Tensor:  # [B, n, n]
+        pos = torch.arange(n, device=x.device, dtype=x.dtype)
+        dist = pos[:, None] - pos[None, :]
+        k = torch.exp(-0.5 * (dist / sigma.to(x.dtype)[:, None, None]) ** 2)
+        return k / k.sum(dim=2, keepdim=True)
+
+    h, w = x.shape[-2:]
+    return gaussian_matrix(h)[:, None] @ x @ gaussian_matrix(w)[:, None].transpose(-1, -2)
 
 
 def _elastic_displacement(
@@ -175,8 +176,9 @@ def _resize_aliasing(
 
     The client shrinks a crisp, high-resolution crop straight to 28x28, which point-samples
     the strokes: jagged edges, uneven stroke width. We upsample to a larger size, harden the
-    edges like ink, and shrink back with ``antialias=False``. One factor per batch (resizing
-    is batched per size); a random subset of size ~p*B gets the result.
+    edges like ink, and shrink back with ``antialias=False``. One factor per batch, since a
+    resize has one output size (reading it back is this op's only device sync); each
+    sample gets the result with probability ``p``.
     """
     b, _, h, w = x.shape
     f = float(_uniform(1, factor[0], factor[1], x, gen))
