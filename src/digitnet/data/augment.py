@@ -1,7 +1,7 @@
 """Batched, device-agnostic image augmentation for float batches ``[B, C, H, W]`` in ``[0, 1]``.
 
-Every op works on the whole batch at once on ``x.device`` (affine grids, masks, grouped
-convolutions): no per-sample Python loop and no PIL, so a GPU never waits on the CPU.
+Every op works on the whole batch at once on ``x.device`` (affine grids, masks, batched
+matrix products): no per-sample Python loop and no PIL, so a GPU never waits on the CPU.
 Randomness comes from torch's RNG on ``x.device`` (seeded by Lightning's ``seed_everything``)
 or from an explicit ``generator`` living on that device.
 
@@ -286,7 +286,7 @@ class BatchAugment(nn.Module):
         erase_ratio: Sequence[float] = (0.3, 3.3),
         erase_value: float = 0.0,
         alias_p: float = 0.0,
-        alias_factor: Sequence[float] = (2.0, 6.0),
+        alias_factor: Sequence[float] = (2.0, 4.0),
         blur_p: float = 0.0,
         blur_sigma: Sequence[float] = (0.1, 2.0),
         invert_p: float = 0.0,
