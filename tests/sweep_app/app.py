@@ -8,12 +8,14 @@ import json
 import math
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig
+
+from digitnet.sweep.trial_reporter import TrialReporter
+
+PRUNING_CALLBACK = "digitnet.sweep.pruning.OptunaPruning"
 
 
 def accuracy(cfg: DictConfig, epoch: int) -> float:
@@ -23,8 +25,12 @@ def accuracy(cfg: DictConfig, epoch: int) -> float:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | list[float]:
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if "_target_" in c]
-    trainer = SimpleNamespace(sanity_checking=False, current_epoch=0, callback_metrics={})
+    # What OptunaPruning does inside Lightning, without importing Lightning (slow to start).
+    reporters = [
+        TrialReporter(**{k: v for k, v in c.items() if k != "_target_"})
+        for c in cfg.callbacks.values()
+        if c.get("_target_") == PRUNING_CALLBACK
+    ]
     best, epochs = -math.inf, 0
     for epoch in range(cfg.epochs):
         time.sleep(cfg.seconds_per_epoch)
@@ -32,10 +38,9 @@ def main(cfg: DictConfig) -> float | list[float]:
             raise RuntimeError(f"diverged at x={cfg.x}")
         acc = accuracy(cfg, epoch)
         best, epochs = max(best, acc), epoch + 1
-        metrics = {"val/acc": acc, "val/acc_best": best}
-        trainer.current_epoch, trainer.callback_metrics = epoch, metrics
-        for callback in callbacks:
-            callback.on_validation_end(trainer, None)
+        epoch_metrics = {"val/acc": acc, "val/acc_best": best}
+        for reporter in reporters:
+            reporter.report(epoch_metrics[reporter.monitor], epoch)
     metrics = {"val/acc_best": best, "params": cfg.model.params, "epochs": epochs}
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     (out_dir / "metrics.json").write_text(json.dumps(metrics))

@@ -7,8 +7,9 @@ Optuna constructor's keyword arguments (``{name: median, n_warmup_steps: 2}``).
 from __future__ import annotations
 
 import threading
+import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -80,39 +81,55 @@ def open_storage(
     """An RDB storage for ``url`` (any SQLAlchemy URL), with a clear error if it can't be reached."""
     # SQLite serialises writers; concurrent workers wait for the lock instead of failing at once.
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=heartbeat_interval,
-                grace_period=grace_period,
-            )
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as err:
-        reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
-        raise DigitnetError(
-            f"cannot open sweep storage {url!r}: {reason}. Check the URL (hydra.sweeper.storage), "
-            "that the database server is running and reachable, and that its driver is installed"
-        ) from None
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period,
+                )
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as err:
+            if "already exists" in str(err) or isinstance(err, sqlalchemy.exc.IntegrityError):
+                # Another worker is creating the same new database's tables right now.
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            raise _unreachable(url, err) from None
+        except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as err:
+            raise _unreachable(url, err) from None
+    raise DigitnetError(f"cannot create the tables of sweep storage {url!r}; try again")
+
+
+def _unreachable(url: str, err: Exception) -> DigitnetError:
+    reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+    return DigitnetError(
+        f"cannot open sweep storage {url!r}: {reason}. Check the URL (hydra.sweeper.storage), "
+        "that the database server is running and reachable, and that its driver is installed"
+    )
 
 
 def open_study(
     storage: optuna.storages.RDBStorage,
     study_name: str,
     directions: list[str],
-    sampler: optuna.samplers.BaseSampler,
+    sampler_for: Callable[[int], optuna.samplers.BaseSampler],
     pruner: optuna.pruners.BasePruner,
 ) -> optuna.Study:
-    """Create the study or resume it; refuses to resume a study that optimises other directions."""
+    """Create the study or resume it; refuses to resume a study that optimises other directions.
+
+    ``sampler_for(n)`` makes the sampler given the n trials already there: seeding it with n
+    keeps a resumed sweep reproducible without replaying the first run's random draws.
+    """
     study = optuna.create_study(
         storage=storage,
         study_name=study_name,
         directions=directions,
-        sampler=sampler,
         pruner=pruner,
         load_if_exists=True,
     )
+    study.sampler = sampler_for(len(study.get_trials(deepcopy=False)))
     stored = [d.name.lower() for d in study.directions]
     if stored != [d.lower() for d in directions]:
         raise DigitnetError(

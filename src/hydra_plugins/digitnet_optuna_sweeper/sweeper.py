@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import shlex
 import sys
 from collections.abc import Mapping, Sequence
@@ -89,22 +90,32 @@ class DigitnetOptunaSweeper(Sweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         storage_url = conf.storage or f"sqlite:///{sweep_dir / 'study.db'}"
         storage = open_storage(storage_url, conf.heartbeat_interval, conf.grace_period)
+
+        def sampler_for(n_existing: int) -> optuna.samplers.BaseSampler:
+            seed = None if conf.seed is None else conf.seed + n_existing
+            return make_sampler(_plain(conf.sampler), seed, space.grid())
+
         study = open_study(
             storage,
             conf.study_name,
             directions,
-            make_sampler(_plain(conf.sampler), conf.seed, space.grid()),
+            sampler_for,
             make_pruner(_plain(conf.pruner)),
         )
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         log.info("study %r in %s: %d trials", conf.study_name, storage_url, n_trials)
 
         trial_runner = _TrialRunner(self, space, study, storage, n_trials, monitor, storage_url)
+        next_number = len(study.get_trials(deepcopy=False))
         while self._check_failure_rate(study, n_trials):
             budget.fail_stale_trials(study)
             trial = budget.claim_trial(study, n_trials)
             if trial is None:
                 break
+            if trial.number != next_number:
+                # Another worker shares the study: don't mirror its (equally seeded) draws.
+                study.sampler.reseed_rng()
+            next_number = trial.number + 1
             trial_runner.run(trial)
         budget.wait_for_running(study, n_trials, poll_seconds=min(conf.heartbeat_interval, 2))
         self._finish(study, n_trials, sweep_dir)
@@ -190,22 +201,30 @@ class _TrialRunner:
             trial.set_user_attr("command", shlex.join(["python", sys.argv[0], *task_overrides]))
             log.info("trial %d/%d: %s", trial.number + 1, self.n_trials, " ".join(params))
             try:
-                launcher = self.sweeper.launcher
                 job_overrides = [*task_overrides, *self._callback_overrides(trial)]
-                [result] = launcher.launch([job_overrides], initial_job_idx=trial.number)
-                state, values, error = _outcome(result, len(self.study.directions))
+                [result] = self.sweeper.launcher.launch([job_overrides], trial.number)
             except Exception as err:  # composing or launching the job failed
-                state, values, error, result = TrialState.FAIL, None, _describe(err), None
+                self._record_failure(trial, _describe(err), err)
+                return
             except BaseException as err:  # Ctrl-C / SystemExit: record it, then stop
                 trial.set_user_attr("error", f"interrupted ({type(err).__name__})")
                 self.study.tell(trial, state=TrialState.FAIL)
                 raise
-        if result is not None and result.hydra_cfg is not None:
+        if result.hydra_cfg is not None:
             trial.set_user_attr("run_dir", result.hydra_cfg.hydra.runtime.output_dir)
-        if error is not None:
-            trial.set_user_attr("error", error)
-            log.warning("trial %d failed: %s", trial.number, error)
+        state, values, error = _outcome(result, len(self.study.directions))
+        if state == TrialState.FAIL:
+            # the job's exception, or None when the task's return value was unusable
+            raised = result._return_value if result.status == JobStatus.FAILED else None
+            self._record_failure(trial, error, raised)
+            return
         self.study.tell(trial, values, state=state)
+        log.info(report.summary_line(self.study, self.n_trials))
+
+    def _record_failure(self, trial: optuna.Trial, error: str, raised: BaseException | None) -> None:
+        trial.set_user_attr("error", error)
+        log.warning("trial %d failed: %s", trial.number, error, exc_info=raised)
+        self.study.tell(trial, state=TrialState.FAIL)
         log.info(report.summary_line(self.study, self.n_trials))
 
     def _callback_overrides(self, trial: optuna.Trial) -> list[str]:
@@ -266,7 +285,9 @@ def objective_values(returned: Any, n_objectives: int) -> list[float]:
 def override_value(value: Any) -> str:
     """``value`` in Hydra's override grammar (strings quoted, so URLs and paths survive)."""
     if isinstance(value, str):
-        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        # Hydra reads backslashes literally except in runs right before a quote or the end.
+        escaped = re.sub(r"\\+(?='|$)", lambda run: run.group(0) * 2, value)
+        return "'" + escaped.replace("'", "\\'") + "'"
     if isinstance(value, bool) or value is None:
         return {True: "true", False: "false", None: "null"}[value]
     if isinstance(value, Mapping):
