@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
-from conftest import compose_config, run_train
+from conftest import REPO, compose_config, run_train
 from digitnet.errors import DigitnetError
 from digitnet.module import DigitClassifier
 from digitnet.train import train
@@ -19,7 +22,9 @@ QUIET = ["logger=none", "callbacks.progress_bar=null", "callbacks.model_summary=
 
 @pytest.mark.parametrize("model, data, aug", list(itertools.product(MODELS, DATA, AUGS)))
 def test_every_combination_runs(real_data, tmp_path, model, data, aug):
-    cfg = compose_config(f"model={model}", f"data={data}", f"aug={aug}", "debug=fast_dev_run", *QUIET, output_dir=tmp_path)
+    overrides = [f"model={model}", f"data={data}", f"aug={aug}", "debug=fast_dev_run", "data.batch_size=16",
+                 "data.eval_batch_size=16"]
+    cfg = compose_config(*overrides, *QUIET, output_dir=tmp_path)
     val_acc_best = train(cfg)
     assert 0.0 <= val_acc_best <= 1.0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -41,20 +46,34 @@ def test_short_real_run_writes_the_run_dir(real_data, tmp_path):
     assert model.hparams.model["name"] == "mlp" and model.hparams.data_name == "mnist"
     assert str(tmp_path) in run.stdout + run.stderr  # the run says where its outputs are
 
-    resumed = run_train(
-        "model=mlp", "trainer.max_epochs=3", "trainer.limit_train_batches=60", "aug=light",
-        f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", run_dir=tmp_path / "resumed",
+
+def test_killed_run_resumes_from_last_checkpoint(real_data, tmp_path):
+    args = ["model=mlp", "trainer.max_epochs=3", "trainer.limit_train_batches=40", "logger=none"]
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    first = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={tmp_path / 'first'}"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+    try:
+        while not last.exists() and first.poll() is None:
+            time.sleep(0.05)
+        first.kill()  # as hard as a power cut: no chance to clean up
+    finally:
+        first.wait()
+    assert not (tmp_path / "first" / "metrics.json").exists(), "the run finished before it could be killed"
+    stopped_at = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
+
+    resumed = run_train(*args, f"ckpt_path={last}", run_dir=tmp_path / "resumed")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    again = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
-    assert again["epochs"] == 3  # continued from epoch 2 instead of starting over
     assert "Restoring states from the checkpoint" in resumed.stdout + resumed.stderr
+    metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert metrics["epochs"] == 3 and stopped_at < 2
 
 
 def test_same_seed_same_metrics(real_data, tmp_path):
     def run(name):
         overrides = ["model=cnn", "aug=strong", "trainer.max_epochs=1", "trainer.limit_train_batches=8",
-                     "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "seed=7"]
+                     "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "seed=7", "data.eval_batch_size=200"]
         cfg = compose_config(*overrides, *QUIET, output_dir=tmp_path / name)
         train(cfg)
         return json.loads((tmp_path / name / "metrics.json").read_text())
