@@ -1,0 +1,67 @@
+"""The sweeper with the real train.py: example sweeps compose, a tiny real sweep prunes/reports."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from hydra_plugins.digitnet_optuna_sweeper.search_space import parse_search_space
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEPS = sorted(p.stem for p in (REPO / "conf" / "sweep").glob("*.yaml"))
+TINY = ["model=mlp", "trainer.max_epochs=2", "++trainer.limit_train_batches=5",
+        "++trainer.limit_val_batches=2", "++trainer.limit_test_batches=2", "callbacks.progress_bar=null"]
+
+
+def sweep_group(name: str) -> str:
+    """`sweep=<name>` once conf/train.yaml lists the optional sweep group, `+sweep=` before."""
+    listed = re.search(r"^\s*- sweep: null", (REPO / "conf" / "train.yaml").read_text(), re.M)
+    return f"{'' if listed else '+'}sweep={name}"
+
+
+def train_sweep(cwd: Path, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "-m", "hydra/sweeper=optuna",
+         "hydra.sweep.dir=sweeps/${hydra.sweeper.study_name}", "hydra.sweep.subdir=${hydra.job.num}",
+         *args],
+        cwd=cwd, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_example_sweeps_compose_every_choice(name):
+    """Every parameter of conf/sweep/<name>.yaml exists, with every categorical choice."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        base = ["hydra/sweeper=optuna", sweep_group(name)]
+        cfg = compose("train", overrides=base, return_hydra_config=True)
+        assert cfg.hydra.sweeper.study_name == name
+        params = OmegaConf.to_container(cfg.hydra.sweeper.params)
+        space = parse_search_space(params, [], OverridesParser.create())
+        assert space.params
+        for overrides in space.samples():
+            compose("train", overrides=[*base, *overrides])
+
+
+def test_tiny_real_sweep_reports_every_epoch_and_writes_runs(real_data, tmp_path):
+    train_sweep(tmp_path, *TINY, "optim.lr=tag(log,interval(1e-3,1e-2))", "model.dropout=0.0,0.2",
+                "hydra.sweeper.study_name=tiny", "hydra.sweeper.n_trials=2",
+                "hydra.sweeper.monitor=val/acc")
+    sweep_dir = tmp_path / "sweeps" / "tiny"
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{sweep_dir}/study.db")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    for trial in study.trials:  # the Lightning callback reported val/acc after each epoch
+        assert sorted(trial.intermediate_values) == [0, 1]
+        run_dir = sweep_dir / str(trial.number)
+        assert (run_dir / "metrics.json").is_file() and list(run_dir.glob("checkpoints/*.ckpt"))
+    best = yaml.safe_load((sweep_dir / "best.yaml").read_text())
+    assert best["best"]["value"] == study.best_value
+    assert "optim.lr=" in best["best"]["command"] and "model=mlp" in best["best"]["command"]
