@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable
 
@@ -27,14 +28,30 @@ def run_task(task: Callable, cfg):
         sys.exit(2)
 
 
+# subcommand -> (module with a `main(argv) -> int`, one-line help); imported only when used
+COMMANDS = {
+    "export": ("digitnet.export", "write a verified model.onnx from a checkpoint"),
+    "sweep-report": ("digitnet.sweep.report", "write best.yaml, trials.csv and plots of a stored Optuna study"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="digitnet", description="Train, sweep and ship 28x28 image classifiers.")
+    parser = argparse.ArgumentParser(
+        prog="digitnet",
+        description="Train, sweep and ship 28x28 image classifiers. Training itself: python train.py (see README).",
+        epilog="commands:\n" + "\n".join(f"  {name:14s}{text}" for name, (_, text) in COMMANDS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"digitnet {__version__}")
-    parser.add_subparsers(dest="command", metavar="command")
+    parser.add_argument("command", choices=COMMANDS, metavar="command", help="one of: " + ", ".join(COMMANDS))
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="the command's arguments (see digitnet <command> -h)")
     args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-    return 0
+    command = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return command.main(args.args)
+    except DigitnetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
