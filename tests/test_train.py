@@ -17,7 +17,7 @@ from digitnet.module import DigitClassifier
 from digitnet.train import train
 
 MODELS, DATA, AUGS = ["mlp", "cnn", "resnet", "convnext"], ["mnist", "fashion"], ["none", "light", "strong", "camera"]
-QUIET = ["logger=none", "callbacks.progress_bar=null", "callbacks.model_summary=null"]
+QUIET = ["logger=none", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false", "callbacks.model_summary=null"]
 
 
 @pytest.mark.parametrize("model, data, aug", list(itertools.product(MODELS, DATA, AUGS)))
