@@ -215,6 +215,18 @@ def test_model_whose_output_is_not_1x10_is_a_clear_error(tmp_path):
     assert not (tmp_path / "out.onnx").exists()
 
 
+class StandardizeWithoutEpsilon(nn.Module):
+    def forward(self, x):
+        return (x - x.mean()) / x.std()
+
+
+def test_model_that_gives_nan_for_a_blank_image_is_a_clear_error(tmp_path):
+    module = DigitClassifier(model={"name": "mlp"})
+    module.net[0] = StandardizeWithoutEpsilon()
+    with pytest.raises(DigitnetError, match="NaN for a blank image"):
+        export_onnx(module, tmp_path / "out.onnx")
+
+
 class BatchDependent(nn.Module):
     """Python control flow on the batch size: tracing freezes the batch-1 branch into the graph."""
 

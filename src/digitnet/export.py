@@ -131,14 +131,18 @@ def _probabilities_net(module: nn.Module) -> nn.Module:
     return nn.Sequential(copy.deepcopy(net).cpu(), nn.Softmax(dim=1)).eval()
 
 
-def _check_output_shape(model: nn.Module, class_names: list[str]) -> None:
+def _check_output(model: nn.Module, class_names: list[str]) -> None:
+    """The exercise's shape, and probabilities for a blank frame (the client's std-0 case)."""
     with torch.inference_mode():
-        shape = list(model(torch.zeros(1, 1, 28, 28)).shape)
+        probs = model(torch.zeros(1, 1, 28, 28))
+    shape = list(probs.shape)
     if shape != [1, NUM_CLASSES] or len(class_names) != NUM_CLASSES:
         raise DigitnetError(
             f"the model outputs {shape} for {len(class_names)} class names; the exercise needs "
             f"[1, {NUM_CLASSES}] (one probability per digit class)"
         )
+    if not torch.isfinite(probs).all():
+        raise DigitnetError("the model outputs NaN for a blank image; its first layer must be PerImageStandardize")
 
 
 def _to_onnx(model: nn.Module, dynamic_batch: bool) -> onnx.ModelProto:
@@ -216,7 +220,7 @@ def export_onnx(
     class_names = [str(c) for c in hparams.get("class_names", range(NUM_CLASSES))]
     data_name = hparams.get("data_name", "mnist")
     model = _probabilities_net(module)
-    _check_output_shape(model, class_names)
+    _check_output(model, class_names)
     proto = _to_onnx(model, dynamic_batch)
     _check_contract(proto)
 
@@ -267,7 +271,11 @@ def _write_int8(path: Path, x: torch.Tensor, y: torch.Tensor) -> tuple[Path, flo
     finally:
         logging.disable(logging.NOTSET)
     proto = onnx.load(int8_path)
-    _check_contract(proto)
+    try:
+        _check_contract(proto)
+    except DigitnetError:
+        int8_path.unlink()
+        raise
     acc = float((_onnx_probabilities(proto, x).argmax(1) == y.numpy()).mean())
     _set_metadata(proto, {"test_accuracy": f"{acc:.4f}", "quantization": "int8 dynamic (onnxruntime)"})
     onnx.save(proto, int8_path)
