@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from digitnet.config import validate
 from digitnet.errors import DigitnetError
 from digitnet.module import DigitClassifier
+from digitnet.registry import record_run
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,9 @@ def train(cfg: DictConfig) -> float | list[float]:
 
     metrics = _final_metrics(trainer, module, fit_metrics, fit_seconds)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if cfg.registry.enabled and not trainer.fast_dev_run:  # a smoke test leaves no model to keep
+        record_id = record_run(cfg.registry.url, OmegaConf.to_container(cfg, resolve=True), metrics, run_dir)
+        log.info("recorded as model %s in the registry (`digitnet models show %s`)", record_id, record_id[:8])
     for logger in loggers:  # fills TensorBoard's hparams table
         scalars = {k: v for k, v in metrics.items() if "/" in k and isinstance(v, (int, float))}
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True), scalars)

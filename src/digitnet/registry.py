@@ -1,0 +1,399 @@
+"""A SQL registry of trained models (SQLAlchemy Core): record runs, find the best, fetch the ONNX bytes.
+
+Every finished `python train.py` run adds one record (see `record_run`); `digitnet models ...`
+lists, shows, ranks, comments, tags and removes them. The default database is the SQLite file
+`outputs/registry.db`; any SQLAlchemy URL works (config `registry.url`, env `DIGITNET_REGISTRY`).
+Writes are single short transactions, so parallel sweep workers lose nothing (SQLite: WAL
+journal, a long busy timeout and BEGIN IMMEDIATE, which queues writers instead of failing them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy import exc
+
+from digitnet.errors import DigitnetError
+
+DEFAULT_URL = "sqlite:///outputs/registry.db"
+SQLITE_BUSY_SECONDS = 60  # sweep workers wait this long for each other's writes
+
+_metadata = sa.MetaData()
+MODELS = sa.Table(
+    "digitnet_models",
+    _metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("created", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("dataset", sa.String(64), nullable=False, index=True),
+    sa.Column("model", sa.String(64), nullable=False, index=True),
+    sa.Column("config", sa.JSON, nullable=False),
+    sa.Column("metrics", sa.JSON, nullable=False),
+    sa.Column("params", sa.BigInteger),
+    sa.Column("run_dir", sa.Text),
+    sa.Column("checkpoint", sa.Text),
+    sa.Column("onnx_path", sa.Text),
+    sa.Column("onnx", sa.LargeBinary),
+    sa.Column("git_commit", sa.String(64)),
+    sa.Column("comment", sa.Text, nullable=False, default=""),
+    sa.Column("tags", sa.JSON, nullable=False, default=list),
+)
+# everything but the ONNX blob: listing a thousand models should not read a thousand models
+_SUMMARY_COLUMNS = [c for c in MODELS.c if c.name != "onnx"]
+
+
+@dataclass
+class ModelRecord:
+    id: str
+    created: datetime
+    dataset: str
+    model: str
+    config: dict
+    metrics: dict
+    params: int | None = None
+    run_dir: str | None = None
+    checkpoint: str | None = None
+    onnx_path: str | None = None
+    git_commit: str | None = None
+    comment: str = ""
+    tags: list[str] = field(default_factory=list)
+    onnx: bytes | None = None  # only filled by Registry.get(..., with_onnx=True)
+
+
+def resolve_url(url: str | None = None) -> str:
+    """Env DIGITNET_REGISTRY wins over `url`, which defaults to outputs/registry.db; a relative
+    SQLite path is taken relative to the current directory (Hydra runs do not chdir)."""
+    url = os.environ.get("DIGITNET_REGISTRY") or url or DEFAULT_URL
+    try:
+        parsed = sa.engine.make_url(url)
+    except exc.ArgumentError:
+        raise DigitnetError(f"registry url {url!r} is not a SQLAlchemy URL (e.g. {DEFAULT_URL})") from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        path = Path(parsed.database).expanduser().absolute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        parsed = parsed.set(database=str(path))
+    return parsed.render_as_string(hide_password=False)
+
+
+def _sqlite_engine(url: str) -> sa.Engine:
+    engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_SECONDS})
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None  # let the "begin" hook below start transactions
+        dbapi_connection.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(connection):
+        # take the write lock up front: a deferred read-then-write transaction that has to
+        # upgrade its lock fails at once with "database is locked" instead of waiting
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def git_commit(cwd: str | Path | None = None) -> str | None:
+    """HEAD of the git checkout at `cwd`, or None outside git (or without git installed)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+class Registry:
+    """The models table of one database. Use as a context manager to release connections."""
+
+    def __init__(self, url: str | None = None):
+        self.url = resolve_url(url)
+        try:
+            engine_url = sa.engine.make_url(self.url)
+            self.engine = (
+                _sqlite_engine(self.url) if engine_url.get_backend_name() == "sqlite" else sa.create_engine(self.url)
+            )
+        except (exc.ArgumentError, exc.NoSuchModuleError, ImportError) as err:
+            raise DigitnetError(f"cannot open registry {self._shown_url}: {err}") from None
+        with self._transaction() as conn:
+            _metadata.create_all(conn)
+
+    @property
+    def _shown_url(self) -> str:
+        return sa.engine.make_url(self.url).render_as_string(hide_password=True)
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sa.Connection]:
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except exc.DBAPIError as err:  # unreachable server, locked or unwritable file, not a database...
+            reason = str(err.orig).splitlines()[0] if err.orig else str(err)
+            raise DigitnetError(f"registry {self._shown_url}: {reason}") from None
+
+    # ------------------------------------------------------------------ writing
+
+    def add(self, record: ModelRecord) -> str:
+        values = {c.name: getattr(record, c.name) for c in MODELS.c}
+        with self._transaction() as conn:
+            conn.execute(MODELS.insert().values(**values))
+        return record.id
+
+    def remove(self, record_id: str) -> ModelRecord:
+        record = self.get(record_id)
+        with self._transaction() as conn:
+            conn.execute(MODELS.delete().where(MODELS.c.id == record.id))
+        return record
+
+    def set_comment(self, record_id: str, comment: str) -> ModelRecord:
+        record = self.get(record_id)
+        with self._transaction() as conn:
+            conn.execute(MODELS.update().where(MODELS.c.id == record.id).values(comment=comment))
+        return self.get(record.id)
+
+    def tag(self, record_id: str, add: Sequence[str] = (), remove: Sequence[str] = ()) -> ModelRecord:
+        with self._transaction() as conn:  # read and write in one transaction: no lost concurrent tags
+            record = self._get(conn, record_id)
+            tags = [t for t in record.tags if t not in remove] + [t for t in add if t not in record.tags]
+            conn.execute(MODELS.update().where(MODELS.c.id == record.id).values(tags=tags))
+        return self.get(record.id)
+
+    # ------------------------------------------------------------------ reading
+
+    def get(self, record_id: str, with_onnx: bool = False) -> ModelRecord:
+        """The record whose id is `record_id` or starts with it (like git's short hashes)."""
+        with self._transaction() as conn:
+            return self._get(conn, record_id, with_onnx)
+
+    def _get(self, conn: sa.Connection, record_id: str, with_onnx: bool = False) -> ModelRecord:
+        columns = list(MODELS.c) if with_onnx else _SUMMARY_COLUMNS
+        prefix = record_id.strip().lower()
+        rows = conn.execute(sa.select(*columns).where(MODELS.c.id.startswith(prefix, autoescape=True)).limit(2)).all()
+        if not prefix or not rows:
+            raise DigitnetError(
+                f"no model with id {record_id!r} in registry {self._shown_url}; `digitnet models list` shows the ids"
+            )
+        if len(rows) > 1:
+            raise DigitnetError(f"id prefix {record_id!r} matches several models; give more characters of the id")
+        return _record(rows[0])
+
+    def list(
+        self,
+        dataset: str | None = None,
+        model: str | None = None,
+        tag: str | None = None,
+        sort: str | None = None,
+        descending: bool = True,
+    ) -> list[ModelRecord]:
+        """Records, newest first, or ordered by metric `sort` (records without it go last)."""
+        query = sa.select(*_SUMMARY_COLUMNS).order_by(MODELS.c.created.desc())
+        if dataset:
+            query = query.where(MODELS.c.dataset == dataset)
+        if model:
+            query = query.where(MODELS.c.model == model)
+        with self._transaction() as conn:
+            records = [_record(row) for row in conn.execute(query)]
+        if tag:
+            records = [r for r in records if tag in r.tags]
+        if sort:
+            # metrics are a JSON column, whose SQL accessors differ per database: sort here
+            ranked = [r for r in records if _number(r.metrics.get(sort)) is not None]
+            ranked.sort(key=lambda r: _number(r.metrics[sort]), reverse=descending)
+            records = ranked + [r for r in records if _number(r.metrics.get(sort)) is None]
+        return records
+
+    def best(self, metric: str = "test/acc", mode: str = "max", **filters) -> ModelRecord:
+        """The record with the highest (`mode="max"`) or lowest (`"min"`) value of `metric`."""
+        if mode not in ("max", "min"):
+            raise DigitnetError(f"mode {mode!r} must be 'max' or 'min'")
+        ranked = [r for r in self.list(sort=metric, descending=mode == "max", **filters)
+                  if _number(r.metrics.get(metric)) is not None]
+        if not ranked:
+            shown = ", ".join(f"{k}={v}" for k, v in filters.items() if v) or "any dataset"
+            raise DigitnetError(
+                f"no model in registry {self._shown_url} has metric {metric!r} ({shown}); "
+                "train one with `python train.py` or pick another metric"
+            )
+        return ranked[0]
+
+
+def _record(row: sa.Row) -> ModelRecord:
+    values = row._asdict()
+    if values["created"].tzinfo is None:  # SQLite keeps no time zone; we always store UTC
+        values["created"] = values["created"].replace(tzinfo=timezone.utc)
+    return ModelRecord(**values)
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+# ---------------------------------------------------------------------- recording a training run
+
+
+def record_run(url: str | None, config: Mapping, metrics: Mapping, run_dir: str | Path) -> str:
+    """Add a finished training run (its resolved config and metrics.json) to the registry; returns its id."""
+    run_dir = Path(run_dir).absolute()
+    checkpoint = metrics.get("best_checkpoint") or _existing(run_dir / "checkpoints" / "last.ckpt")
+    onnx_path = metrics.get("onnx/path") or _existing(run_dir / "model.onnx")
+    record = ModelRecord(
+        id=str(uuid.uuid4()),
+        created=datetime.now(timezone.utc),
+        dataset=str(config["data"]["name"]),
+        model=str(config["model"]["name"]),
+        config=dict(config),
+        metrics=dict(metrics),
+        params=metrics.get("params"),
+        run_dir=str(run_dir),
+        checkpoint=str(Path(checkpoint).absolute()) if checkpoint else None,
+        onnx_path=str(Path(onnx_path).absolute()) if onnx_path else None,
+        onnx=Path(onnx_path).read_bytes() if onnx_path and Path(onnx_path).is_file() else None,
+        git_commit=git_commit(),
+    )
+    with Registry(url) as registry:
+        return registry.add(record)
+
+
+def _existing(path: Path) -> str | None:
+    return str(path) if path.exists() else None
+
+
+# ---------------------------------------------------------------------- `digitnet models`
+
+
+def _format_metric(value) -> str:
+    number = _number(value)
+    return "-" if number is None else f"{number:.4f}" if abs(number) < 100 else f"{number:.0f}"
+
+
+def _print_table(records: list[ModelRecord], metrics: list[str]) -> None:
+    header = ["id", "created", "dataset", "model", "params", *metrics, "tags", "comment"]
+    rows = [
+        [r.id[:8], r.created.astimezone().strftime("%Y-%m-%d %H:%M"), r.dataset, r.model, str(r.params or "-"),
+         *(_format_metric(r.metrics.get(m)) for m in metrics), ",".join(r.tags), r.comment]
+        for r in records
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def _show(record: ModelRecord, with_config: bool) -> None:
+    fields = {
+        "id": record.id,
+        "created": record.created.astimezone().isoformat(timespec="seconds"),
+        "dataset": record.dataset,
+        "model": record.model,
+        "params": record.params,
+        "run_dir": record.run_dir,
+        "checkpoint": record.checkpoint,
+        "onnx_path": record.onnx_path,
+        "onnx_bytes": len(record.onnx) if record.onnx else None,
+        "git_commit": record.git_commit,
+        "tags": ", ".join(record.tags),
+        "comment": record.comment,
+    }
+    for key, value in fields.items():
+        print(f"{key:11s} {'-' if value in (None, '') else value}")
+    print("metrics:")
+    for key, value in sorted(record.metrics.items()):
+        print(f"  {key:22s} {value}")
+    if with_config:
+        print("config:")
+        print(json.dumps(record.config, indent=2))
+
+
+def _write_onnx(record: ModelRecord, path: Path) -> None:
+    if not record.onnx:
+        raise DigitnetError(f"model {record.id[:8]} has no ONNX bytes stored (its run wrote no model.onnx)")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(record.onnx)
+    tmp.replace(path)  # a reader never sees half a file
+    print(f"wrote {path} ({len(record.onnx)} bytes)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="digitnet models", description="List, rank and manage recorded models.")
+    parser.add_argument("--db", help=f"SQLAlchemy URL (default: env DIGITNET_REGISTRY or {DEFAULT_URL})")
+    sub = parser.add_subparsers(dest="action", required=True, metavar="action")
+
+    listing = sub.add_parser("list", help="recorded models, newest first")
+    listing.add_argument("--dataset", help="only this dataset (mnist, fashion)")
+    listing.add_argument("--model", help="only this backbone (mlp, cnn, resnet, convnext)")
+    listing.add_argument("--tag", help="only models with this tag")
+    listing.add_argument("--sort", metavar="METRIC", help="order by this metric, e.g. test/acc")
+    listing.add_argument("--asc", action="store_true", help="ascending order (for losses)")
+    listing.add_argument("--metrics", default="test/acc,val/acc_best,test/loss", help="comma-separated columns")
+    listing.add_argument("-n", "--limit", type=int, help="show at most this many")
+
+    show = sub.add_parser("show", help="one model in full")
+    show.add_argument("id", help="model id or a unique prefix of it")
+    show.add_argument("--config", action="store_true", help="also print the full training config")
+    show.add_argument("--onnx-out", type=Path, help="write the stored ONNX bytes to this file")
+
+    best = sub.add_parser("best", help="the best model by a metric")
+    best.add_argument("--metric", default="test/acc", help="any recorded metric (default test/acc)")
+    best.add_argument("--min", action="store_true", help="lowest value wins (for losses)")
+    best.add_argument("--dataset")
+    best.add_argument("--model")
+    best.add_argument("--tag")
+    best.add_argument("--id-only", action="store_true", help="print only the id (for scripts)")
+
+    remove = sub.add_parser("remove", help="delete records (files on disk stay)")
+    remove.add_argument("ids", nargs="+")
+
+    comment = sub.add_parser("comment", help="set a model's free-text comment")
+    comment.add_argument("id")
+    comment.add_argument("text")
+
+    tag = sub.add_parser("tag", help="add (or --remove) tags")
+    tag.add_argument("id")
+    tag.add_argument("tags", nargs="+")
+    tag.add_argument("--remove", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    with Registry(args.db) as registry:
+        if args.action == "list":
+            records = registry.list(args.dataset, args.model, args.tag, args.sort, not args.asc)
+            _print_table(records[: args.limit], [m for m in args.metrics.split(",") if m])
+        elif args.action == "show":
+            record = registry.get(args.id, with_onnx=True)
+            if args.onnx_out:
+                _write_onnx(record, args.onnx_out)
+            else:
+                _show(record, args.config)
+        elif args.action == "best":
+            record = registry.best(
+                args.metric, "min" if args.min else "max", dataset=args.dataset, model=args.model, tag=args.tag
+            )
+            if args.id_only:
+                print(record.id)
+            else:
+                _print_table([record], [args.metric])
+        elif args.action == "remove":
+            records = [registry.get(i) for i in args.ids]  # all ids must exist before anything is deleted
+            for record in records:
+                registry.remove(record.id)
+                print(f"removed {record.id} ({record.dataset}/{record.model})")
+        elif args.action == "comment":
+            print(f"{registry.set_comment(args.id, args.text).id[:8]}: {args.text}")
+        elif args.action == "tag":
+            record = registry.tag(args.id, remove=args.tags) if args.remove else registry.tag(args.id, add=args.tags)
+            print(f"{record.id[:8]} tags: {', '.join(record.tags) or '-'}")
+    return 0
