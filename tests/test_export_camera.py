@@ -15,14 +15,14 @@ import torch.nn.functional as F
 from conftest import compose_config
 from digitnet.data.idx import load_split
 from digitnet.train import train
+from test_export import QUIET
 
 FRAME_HEIGHT, FRAME_WIDTH = 480, 640
 DIGITS_PER_POLARITY = 100
 CAMERA_RUN = [
     "model=cnn", "model.channels=[16,32]", "model.hidden=64", "aug=camera", "sched=none",
     "trainer.max_epochs=1", "++trainer.limit_train_batches=200", "++trainer.limit_val_batches=2", "test=false",
-    "++callbacks.onnx_export._target_=digitnet.export.OnnxExport", "++callbacks.onnx_export.test_images=2000",
-    "logger=none", "callbacks.lr_monitor=null", "callbacks.progress_bar=null", "callbacks.model_summary=null",
+    "++callbacks.onnx_export._target_=digitnet.export.OnnxExport", "++callbacks.onnx_export.test_images=2000", *QUIET,
 ]
 
 
