@@ -2,7 +2,8 @@
 
 Every finished `python train.py` run adds one record (see `record_run`); `digitnet models ...`
 lists, shows, ranks, comments, tags and removes them. The default database is the SQLite file
-`outputs/registry.db`; any SQLAlchemy URL works (config `registry.url`, env `DIGITNET_REGISTRY`).
+`outputs/registry.db`; any SQLAlchemy URL works (config `registry.url` or `--db`, else env
+`DIGITNET_REGISTRY`).
 Writes are single short transactions, so parallel sweep workers lose nothing (SQLite: WAL
 journal, a long busy timeout and BEGIN IMMEDIATE, which queues writers instead of failing them).
 """
@@ -70,9 +71,9 @@ class ModelRecord:
 
 
 def resolve_url(url: str | None = None) -> str:
-    """Env DIGITNET_REGISTRY wins over `url`, which defaults to outputs/registry.db; a relative
-    SQLite path is taken relative to the current directory (Hydra runs do not chdir)."""
-    url = os.environ.get("DIGITNET_REGISTRY") or url or DEFAULT_URL
+    """`url`, else env DIGITNET_REGISTRY, else outputs/registry.db; a relative SQLite path is
+    taken relative to the current directory (Hydra runs do not chdir)."""
+    url = url or os.environ.get("DIGITNET_REGISTRY") or DEFAULT_URL
     try:
         parsed = sa.engine.make_url(url)
     except exc.ArgumentError:

@@ -1,0 +1,173 @@
+"""The model registry: what a training run records, list/show/best/remove, the CLI, concurrent writers."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from digitnet import cli
+from digitnet.errors import DigitnetError
+from digitnet.registry import ModelRecord, Registry, record_run
+from tiny_run import tiny_run
+
+
+@pytest.fixture(scope="module")
+def trained(real_data, tmp_path_factory):
+    return tiny_run(tmp_path_factory)
+
+
+def _record(dataset="mnist", model="mlp", minutes=0, **metrics) -> ModelRecord:
+    return ModelRecord(
+        id=str(uuid.uuid4()), created=datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(minutes=minutes),
+        dataset=dataset, model=model, config={"model": {"name": model}}, metrics=metrics,
+    )
+
+
+@pytest.fixture
+def registry(tmp_path):
+    with Registry(f"sqlite:///{tmp_path / 'reg.db'}") as registry:
+        yield registry
+
+
+def test_training_run_is_recorded_with_config_metrics_paths_and_commit(trained):
+    with Registry(trained.registry_url) as registry:
+        record = registry.get(trained.record_id)
+    assert (record.dataset, record.model) == ("mnist", "mlp")
+    assert record.config["model"]["name"] == "mlp" and record.config["trainer"]["limit_train_batches"] == 30
+    assert record.metrics["test/acc"] == trained.metrics["test/acc"] > 0.5
+    assert record.params == trained.metrics["params"] == 109_386
+    assert Path(record.checkpoint) == trained.checkpoint and trained.checkpoint.is_file()
+    assert Path(record.run_dir) == trained.run_dir
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert record.git_commit == head and re.fullmatch(r"[0-9a-f]{40}", head)
+    assert record.created.tzinfo is not None and record.comment == "" and record.tags == []
+
+
+def test_onnx_bytes_are_stored(trained, tmp_path):
+    url = f"sqlite:///{tmp_path / 'reg.db'}"
+    config = {"data": {"name": "mnist"}, "model": {"name": "mlp"}}
+    record_id = record_run(url, config, {**trained.metrics, "onnx/path": str(trained.onnx)}, trained.run_dir)
+    with Registry(url) as registry:
+        assert registry.get(record_id, with_onnx=True).onnx == trained.onnx.read_bytes()
+        assert registry.get(record_id).onnx is None  # listing and showing do not load the blob
+        assert registry.get(record_id).onnx_path == str(trained.onnx)
+
+
+def test_list_filters_and_sorts(registry):
+    a = registry.add(_record("mnist", "mlp", 0, **{"test/acc": 0.90, "test/loss": 0.3}))
+    b = registry.add(_record("mnist", "cnn", 1, **{"test/acc": 0.99, "test/loss": 0.05}))
+    c = registry.add(_record("fashion", "cnn", 2, **{"test/acc": 0.91, "test/loss": 0.25}))
+    d = registry.add(_record("mnist", "cnn", 3))  # a run without test metrics
+    assert [r.id for r in registry.list()] == [d, c, b, a]  # newest first
+    assert [r.id for r in registry.list(dataset="mnist", model="cnn")] == [d, b]
+    assert [r.id for r in registry.list(sort="test/acc")] == [b, c, a, d]  # records without it last
+    assert [r.id for r in registry.list(sort="test/loss", descending=False)] == [b, c, a, d]
+
+
+def test_best_max_and_min_with_filters(registry):
+    a = registry.add(_record("mnist", "mlp", 0, **{"test/acc": 0.95, "test/loss": 0.10, "val/acc_best": 0.97}))
+    b = registry.add(_record("mnist", "cnn", 1, **{"test/acc": 0.99, "test/loss": 0.12, "val/acc_best": 0.96}))
+    f = registry.add(_record("fashion", "cnn", 2, **{"test/acc": 0.91, "test/loss": 0.25}))
+    assert registry.best("test/acc").id == b
+    assert registry.best("test/loss", "min").id == a
+    assert registry.best("val/acc_best").id == a
+    assert registry.best("test/acc", dataset="fashion").id == f
+    assert registry.best("test/acc", model="mlp").id == a
+    with pytest.raises(DigitnetError, match="no model .* has metric 'val/acc_best'.*dataset=fashion"):
+        registry.best("val/acc_best", dataset="fashion")
+    with pytest.raises(DigitnetError, match="'max' or 'min'"):
+        registry.best("test/acc", "highest")
+
+
+def test_get_by_prefix_comment_tag_remove(registry):
+    record_id = registry.add(_record(**{"test/acc": 0.9}))
+    assert registry.get(record_id[:6]).id == record_id
+    assert registry.set_comment(record_id[:8], "first try").comment == "first try"
+    assert registry.tag(record_id, add=["baseline", "cpu"]).tags == ["baseline", "cpu"]
+    assert registry.tag(record_id, remove=["cpu"], add=["baseline"]).tags == ["baseline"]
+    assert [r.id for r in registry.list(tag="baseline")] == [record_id] and registry.list(tag="cpu") == []
+    registry.remove(record_id[:8])
+    assert registry.list() == []
+    with pytest.raises(DigitnetError, match="no model with id 'nothere'.*digitnet models list"):
+        registry.get("nothere")
+
+
+def test_ambiguous_prefix_is_an_error(registry):
+    ids = [registry.add(_record(minutes=i)) for i in range(40)]  # 40 ids over 16 hex digits: a shared first digit
+    first = next(i[0] for i in ids if sum(j[0] == i[0] for j in ids) > 1)
+    with pytest.raises(DigitnetError, match="matches several models"):
+        registry.get(first)
+
+
+def test_bad_urls_and_files_are_clear_errors(tmp_path):
+    with pytest.raises(DigitnetError, match="not a SQLAlchemy URL"):
+        Registry("no-such-scheme")
+    not_a_db = tmp_path / "notes.db"
+    not_a_db.write_text("this is not SQLite\n" * 100)
+    with pytest.raises(DigitnetError, match="registry sqlite:///.*notes.db: file is not a database"):
+        Registry(f"sqlite:///{not_a_db}")
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from digitnet.registry import record_run
+url, tag, start = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+while not start.exists():
+    time.sleep(0.005)
+for i in range(25):
+    record_run(url, {"data": {"name": "mnist"}, "model": {"name": "mlp"}}, {"writer": tag, "i": i}, "run")
+"""
+
+
+def test_two_processes_writing_at_once_lose_nothing(tmp_path):
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"  # both writers also race to create the schema
+    start = tmp_path / "go"
+    writers = [
+        subprocess.Popen([sys.executable, "-c", WRITER, url, tag, str(start)], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+        for tag in ("a", "b")
+    ]
+    start.touch()  # both are imported and waiting: release them together
+    for writer in writers:
+        assert writer.wait(timeout=120) == 0, writer.stderr.read()
+    with Registry(url) as registry:
+        records = registry.list()
+    assert len({r.id for r in records}) == 50
+    for tag in ("a", "b"):
+        assert sorted(r.metrics["i"] for r in records if r.metrics["writer"] == tag) == list(range(25))
+
+
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    code = cli.main(["models", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_models_command_line(trained, tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'reg.db'}"
+    with Registry(url) as registry:
+        low = registry.add(_record("mnist", "mlp", 0, **{"test/acc": 0.91, "test/loss": 0.30}))
+        high = registry.add(_record("mnist", "cnn", 1, **{"test/acc": 0.99, "test/loss": 0.04}))
+    code, out, _ = _cli(capsys, "--db", url, "list", "--sort", "test/acc")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split()[:5] == ["id", "created", "dataset", "model", "params"]
+    assert lines[1].startswith(high[:8]) and "0.9900" in lines[1] and lines[2].startswith(low[:8])
+    assert _cli(capsys, "--db", url, "best", "--metric", "test/loss", "--min", "--id-only")[1].strip() == high
+    _cli(capsys, "--db", url, "comment", low[:8], "needs more epochs")
+    _cli(capsys, "--db", url, "tag", low[:8], "baseline")
+    code, out, _ = _cli(capsys, "--db", url, "show", low[:8])
+    assert code == 0 and f"id          {low}" in out and "needs more epochs" in out and "baseline" in out
+    code, _, err = _cli(capsys, "--db", url, "remove", low, "nothere")
+    assert code == 2 and err.strip() == f"error: no model with id 'nothere' in registry {url}; `digitnet models list` shows the ids"
+    with Registry(url) as registry:
+        assert len(registry.list()) == 2  # an unknown id removes nothing, not even the known one
+    assert "removed" in _cli(capsys, "--db", url, "remove", low)[1]
+    code, _, err = _cli(capsys, "--db", url, "show", high, "--onnx-out", str(tmp_path / "m.onnx"))
+    assert code == 2 and "has no ONNX bytes stored" in err and not (tmp_path / "m.onnx").exists()
