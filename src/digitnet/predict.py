@@ -170,7 +170,7 @@ def prepare_digit(image: Image.Image, background: str = "auto", name: str = "ima
     cy = (digit.sum(1) * np.arange(digit.shape[0])).sum() / total
     cx = (digit.sum(0) * np.arange(digit.shape[1])).sum() / total
     canvas = np.zeros((CANVAS, CANVAS), dtype=np.float32)
-    centre = (CANVAS - 1) / 2
+    centre = CANVAS / 2  # MNIST's centres of mass sit at pixel 14, half a pixel below the geometric centre
     _paste(canvas, digit, round(centre - cy), round(centre - cx))
     return np.round(canvas * 255).astype(np.uint8)
 
