@@ -132,5 +132,7 @@ def test_sampler_and_pruner_factories():
         make_sampler("bayes", 0)
     with pytest.raises(DigitnetError, match="unknown pruner"):
         make_pruner("patient")
+    with pytest.raises(DigitnetError, match="bad options for pruner 'none'"):
+        make_pruner({"name": "none", "n_warmup_steps": 1})
     with pytest.raises(DigitnetError, match="needs choice"):
         make_sampler("grid", 0, None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -55,7 +55,7 @@ def make_pruner(spec: Any) -> optuna.pruners.BasePruner:
     name, kwargs = split_spec(spec, "pruner")
     if name not in PRUNERS:
         raise DigitnetError(f"unknown pruner {name!r}; choose one of {', '.join(PRUNERS)}")
-    return PRUNERS[name](**kwargs)
+    return _construct(PRUNERS[name], kwargs, f"pruner {name!r}")
 
 
 def make_sampler(
@@ -66,13 +66,20 @@ def make_sampler(
     if name == "grid":
         if grid is None:
             raise DigitnetError("the grid sampler needs choice(...) or range(...) parameters")
-        return GridSampler(grid, seed=seed)
+        return _construct(GridSampler, {"search_space": grid, "seed": seed, **kwargs}, "grid sampler")
     if name not in SAMPLERS:
         choices = ", ".join([*SAMPLERS, "grid"])
         raise DigitnetError(f"unknown sampler {name!r}; choose one of {choices}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return SAMPLERS[name](seed=seed, **kwargs)
+        return _construct(SAMPLERS[name], {"seed": seed, **kwargs}, f"sampler {name!r}")
+
+
+def _construct(cls: type, kwargs: dict[str, Any], what: str) -> Any:
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a misspelt or foreign option, e.g. n_warmup_steps on NopPruner
+        raise DigitnetError(f"bad options for {what}: {err}") from None
 
 
 def open_storage(
@@ -114,13 +121,11 @@ def open_study(
     storage: optuna.storages.RDBStorage,
     study_name: str,
     directions: list[str],
-    sampler_for: Callable[[int], optuna.samplers.BaseSampler],
     pruner: optuna.pruners.BasePruner,
 ) -> optuna.Study:
     """Create the study or resume it; refuses to resume a study that optimises other directions.
 
-    ``sampler_for(n)`` makes the sampler given the n trials already there: seeding it with n
-    keeps a resumed sweep reproducible without replaying the first run's random draws.
+    The caller sets ``study.sampler``: its seed may depend on the trials already there.
     """
     study = optuna.create_study(
         storage=storage,
@@ -129,7 +134,6 @@ def open_study(
         pruner=pruner,
         load_if_exists=True,
     )
-    study.sampler = sampler_for(len(study.get_trials(deepcopy=False)))
     stored = [d.name.lower() for d in study.directions]
     if stored != [d.lower() for d in directions]:
         raise DigitnetError(

@@ -91,22 +91,16 @@ class DigitnetOptunaSweeper(Sweeper):
         storage_url = conf.storage or f"sqlite:///{sweep_dir / 'study.db'}"
         storage = open_storage(storage_url, conf.heartbeat_interval, conf.grace_period)
 
-        def sampler_for(n_existing: int) -> optuna.samplers.BaseSampler:
-            seed = None if conf.seed is None else conf.seed + n_existing
-            return make_sampler(_plain(conf.sampler), seed, space.grid())
-
-        study = open_study(
-            storage,
-            conf.study_name,
-            directions,
-            sampler_for,
-            make_pruner(_plain(conf.pruner)),
-        )
+        study = open_study(storage, conf.study_name, directions, make_pruner(_plain(conf.pruner)))
+        # Seeding with the number of trials already there keeps a resumed sweep reproducible
+        # without replaying the first run's draws.
+        next_number = len(study.get_trials(deepcopy=False))
+        seed = None if conf.seed is None else conf.seed + next_number
+        study.sampler = make_sampler(_plain(conf.sampler), seed, space.grid())
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         log.info("study %r in %s: %d trials", conf.study_name, storage_url, n_trials)
 
         trial_runner = _TrialRunner(self, space, study, storage, n_trials, monitor, storage_url)
-        next_number = len(study.get_trials(deepcopy=False))
         while self._check_failure_rate(study, n_trials):
             budget.fail_stale_trials(study)
             trial = budget.claim_trial(study, n_trials)
