@@ -112,7 +112,7 @@ def plot_misclassified(images: torch.Tensor, ev: Evaluation, count: int):
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, wrong.tolist()):
-        ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
+        ax.imshow(images[i].numpy(), cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"true {ev.class_names[ev.labels[i]]}\npred {ev.class_names[predicted[i]]} {confidence[i]:.2f}",
                      fontsize=7, color="firebrick")
     fig.suptitle(f"{len(wrong)} most confident mistakes (of {len(ev.labels) - int((predicted == ev.labels).sum())})")
