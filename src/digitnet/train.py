@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from digitnet.config import validate
@@ -78,9 +79,10 @@ def train(cfg: DictConfig) -> float | list[float]:
     if cfg.registry.enabled and not trainer.fast_dev_run:  # a smoke test leaves no model to keep
         record_id = record_run(cfg.registry.url, OmegaConf.to_container(cfg, resolve=True), metrics, run_dir)
         log.info("recorded as model %s in the registry (`digitnet models show %s`)", record_id, record_id[:8])
-    for logger in loggers:  # fills TensorBoard's hparams table
-        scalars = {k: v for k, v in metrics.items() if "/" in k and isinstance(v, (int, float))}
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True), scalars)
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):  # the hparams table with the final metrics
+            scalars = {k: v for k, v in metrics.items() if "/" in k and isinstance(v, (int, float))}
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True), scalars)
     log.info("run dir: %s  (test/acc=%s)", run_dir.resolve(), metrics.get("test/acc"))
 
     wanted = [cfg.optimized_metric] if isinstance(cfg.optimized_metric, str) else list(cfg.optimized_metric)
