@@ -97,3 +97,12 @@ def test_nan_loss_stops_with_a_message_and_keeps_last_good_checkpoint(real_data,
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["epoch"] == 0  # written after the good epoch 0, untouched by the NaN epoch
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+
+
+def test_csv_logger_writes_metrics(real_data, tmp_path):
+    cfg = compose_config("model=mlp", "logger=csv", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
+                         "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "test=false", "callbacks.onnx_export=null",
+                         "callbacks.progress_bar=null", "trainer.enable_progress_bar=false", output_dir=tmp_path)
+    train(cfg)
+    header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"val/acc", "val/acc_best", "train/loss"} <= set(header)
