@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO
 from digitnet import cli
 from digitnet.errors import DigitnetError
-from digitnet.registry import ModelRecord, Registry, record_run
+from digitnet.registry import ModelRecord, Registry
 from tiny_run import tiny_run
 
 
@@ -36,28 +36,20 @@ def registry(tmp_path):
         yield registry
 
 
-def test_training_run_is_recorded_with_config_metrics_paths_and_commit(trained):
+def test_training_run_is_recorded_with_config_metrics_paths_onnx_and_commit(trained):
     with Registry(trained.registry_url) as registry:
-        record = registry.get(trained.record_id)
+        record = registry.get(trained.record_id, with_onnx=True)
+        assert registry.get(trained.record_id).onnx is None  # listing and showing do not load the blob
     assert (record.dataset, record.model) == ("mnist", "mlp")
     assert record.config["model"]["name"] == "mlp" and record.config["trainer"]["limit_train_batches"] == 30
     assert record.metrics["test/acc"] == trained.metrics["test/acc"] > 0.5
     assert record.params == trained.metrics["params"] == 109_386
     assert Path(record.checkpoint) == trained.checkpoint and trained.checkpoint.is_file()
     assert Path(record.run_dir) == trained.run_dir
+    assert Path(record.onnx_path) == trained.onnx and record.onnx == trained.onnx.read_bytes()
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     assert record.git_commit == head and re.fullmatch(r"[0-9a-f]{40}", head)
     assert record.created.tzinfo is not None and record.comment == "" and record.tags == []
-
-
-def test_onnx_bytes_are_stored(trained, tmp_path):
-    url = f"sqlite:///{tmp_path / 'reg.db'}"
-    config = {"data": {"name": "mnist"}, "model": {"name": "mlp"}}
-    record_id = record_run(url, config, {**trained.metrics, "onnx/path": str(trained.onnx)}, trained.run_dir)
-    with Registry(url) as registry:
-        assert registry.get(record_id, with_onnx=True).onnx == trained.onnx.read_bytes()
-        assert registry.get(record_id).onnx is None  # listing and showing do not load the blob
-        assert registry.get(record_id).onnx_path == str(trained.onnx)
 
 
 def test_list_filters_and_sorts(registry):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +25,8 @@ _cache: dict[str, TinyRun] = {}
 
 
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
-    """Train (once) an MLP for 30 batches of real MNIST, recorded in its own registry, plus its ONNX export."""
+    """Train (once) an MLP for 30 batches of real MNIST, with its model.onnx, recorded in its own registry."""
     if "run" not in _cache:
-        from digitnet.export import export_checkpoint
         from digitnet.registry import Registry
         from digitnet.train import train
 
@@ -41,10 +39,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
         )
         train(cfg)
         metrics = json.loads((root / "run" / "metrics.json").read_text())
-        onnx = root / "run" / "model.onnx"
-        if not onnx.exists():  # unless the training config exports it already
-            export_checkpoint(metrics["best_checkpoint"], onnx, test_images=200, data_root=os.environ["DIGITNET_DATA"])
         with Registry(url) as registry:
             (record,) = registry.list()
-        _cache["run"] = TinyRun(root / "run", Path(metrics["best_checkpoint"]), onnx, url, record.id, metrics)
+        checkpoint, onnx = Path(metrics["best_checkpoint"]), Path(metrics["onnx/path"])
+        _cache["run"] = TinyRun(root / "run", checkpoint, onnx, url, record.id, metrics)
     return _cache["run"]

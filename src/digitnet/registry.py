@@ -102,13 +102,16 @@ def _sqlite_engine(url: str) -> sa.Engine:
     return engine
 
 
-def git_commit(cwd: str | Path | None = None) -> str | None:
-    """HEAD of the git checkout at `cwd`, or None outside git (or without git installed)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return (out.stdout.strip() or None) if out.returncode == 0 else None
+def git_commit() -> str | None:
+    """HEAD of the git checkout the run was started in, else of the digitnet source; None outside git."""
+    for where in (Path.cwd(), Path(__file__).parent):
+        try:
+            out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):  # no git installed, or a hung network drive
+            return None
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    return None
 
 
 class Registry:
