@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from digitnet.data.idx import DATASET_FOLDERS
+from digitnet.data.idx import DATASETS
 from digitnet.errors import DigitnetError
 from digitnet.models import BACKBONES
 
@@ -22,9 +22,10 @@ def _require(ok: bool, message: str) -> None:
 def validate(cfg: DictConfig) -> None:
     """Raise DigitnetError naming the key, its value and what would be valid."""
     data, optim = cfg.data, cfg.optim
-    _require(data.name in DATASET_FOLDERS, f"data.name={data.name!r} is not one of {sorted(DATASET_FOLDERS)}")
-    for key in ("batch_size", "eval_batch_size", "val_size"):
+    _require(data.name in DATASETS, f"data.name={data.name!r} is not one of {sorted(DATASETS)}")
+    for key in ("batch_size", "eval_batch_size"):
         _require(int(data[key]) >= 1, f"data.{key}={data[key]} must be a positive integer")
+    _require(float(data.val_size) > 0, f"data.val_size={data.val_size} must be a count >= 1 or a fraction in (0, 1)")
     _require(int(data.num_workers) >= 0, f"data.num_workers={data.num_workers} must be >= 0")
     _require(len(data.class_names) >= 2, "data.class_names must list at least two classes")
     _require(cfg.model.get("name") in BACKBONES, f"model.name={cfg.model.get('name')!r} is not one of {sorted(BACKBONES)}")

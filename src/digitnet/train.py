@@ -37,6 +37,24 @@ def build_module(cfg: DictConfig) -> DigitClassifier:
     )
 
 
+def init_weights(module: DigitClassifier, path: str) -> None:
+    """Fine-tuning: start from the weights of a trained checkpoint of the same model."""
+    from digitnet.export import load_checkpoint  # also reads checkpoints of torch.compile'd models
+
+    trained = load_checkpoint(path)
+    have, want = trained.hparams.model.get("name"), module.hparams.model.get("name")
+    if have != want:
+        raise DigitnetError(f"init_from={path} holds a model={have} checkpoint but this run builds model={want}; "
+                            f"add model={have} to the command")
+    try:
+        module.net.load_state_dict(trained.net.state_dict())
+    except RuntimeError as err:  # other layer sizes or number of classes
+        reason = str(err).strip().splitlines()[-1].strip()
+        raise DigitnetError(f"init_from={path} does not fit this run's model {dict(module.hparams.model)} "
+                            f"with {len(module.hparams.class_names)} classes: {reason}") from None
+    log.info("initialised the weights from %s", path)
+
+
 def _scalars(trainer: L.Trainer) -> dict:
     return {k: v.item() for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
@@ -61,6 +79,10 @@ def train(cfg: DictConfig) -> float | list[float]:
     run_dir = Path(cfg.paths.output_dir)
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
+    if cfg.init_from is not None:
+        if cfg.ckpt_path is not None:
+            raise DigitnetError("set either ckpt_path (resume a run) or init_from (fine-tune from weights), not both")
+        init_weights(module, cfg.init_from)
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=loggers or False, default_root_dir=run_dir

@@ -54,7 +54,9 @@ def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[to
 
 
 class DigitDataModule(L.LightningDataModule):
-    """MNIST or Fashion-MNIST: stratified train/val split of the 60k set, the official 10k as test.
+    """MNIST, Fashion-MNIST or an image folder (`custom`): a stratified train/val split of the
+    training split, the test split as test. `load_split` decides where the splits come from.
+    `val_size` is a number of images or a fraction (0 < val_size < 1) of the training split.
 
     Batches are (uint8 [B,28,28], int64 [B]); conversion and augmentation happen on the training
     device in `DigitClassifier.on_after_batch_transfer`.
@@ -66,7 +68,7 @@ class DigitDataModule(L.LightningDataModule):
         root: str | None = None,
         batch_size: int = 128,
         eval_batch_size: int = 1000,
-        val_size: int = 5000,
+        val_size: float = 5000,
         seed: int = 0,
         num_workers: int = 0,
         class_names: Sequence[str] | None = None,
@@ -79,22 +81,26 @@ class DigitDataModule(L.LightningDataModule):
         self.class_names = list(class_names) if class_names else [str(i) for i in range(10)]
         self.train_set = self.val_set = self.test_set = None
 
+    def _split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return load_split(self.name, split, self.root, self.download, self.class_names)
+
     def prepare_data(self) -> None:
-        load_split(self.name, "test", self.root, self.download)  # downloads once, on rank 0
+        self._split("test")  # downloads once, on rank 0
 
     def setup(self, stage: str | None = None) -> None:
         if stage in ("fit", "validate", None) and self.train_set is None:
-            images, labels = load_split(self.name, "train", self.root, self.download)
-            if not 0 < self.val_size < len(labels):
+            images, labels = self._split("train")
+            val_count = round(self.val_size * len(labels)) if 0 < self.val_size < 1 else int(self.val_size)
+            if not 0 < val_count < len(labels):
                 raise DigitnetError(
                     f"data.val_size={self.val_size} must be between 1 and {len(labels) - 1} "
                     f"(the {self.name} training set has {len(labels)} images)"
                 )
-            train_idx, val_idx = stratified_split(labels, self.val_size, self.seed)
+            train_idx, val_idx = stratified_split(labels, val_count, self.seed)
             self.train_set = TensorBatches(images[train_idx], labels[train_idx])
             self.val_set = TensorBatches(images[val_idx], labels[val_idx])
         if stage in ("test", None) and self.test_set is None:
-            self.test_set = TensorBatches(*load_split(self.name, "test", self.root, self.download))
+            self.test_set = TensorBatches(*self._split("test"))
 
     def _loader(self, dataset: TensorBatches, batch_size: int, train: bool = False) -> DataLoader:
         return DataLoader(

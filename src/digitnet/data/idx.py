@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,8 @@ from digitnet.errors import DigitnetError
 
 # dataset name -> torchvision class name (which is also the folder under the root)
 DATASET_FOLDERS = {"mnist": "MNIST", "fashion": "FashionMNIST"}
+CUSTOM = "custom"  # an image folder <root>/custom/<label>/*.png, read by digitnet.data.folder
+DATASETS = (*DATASET_FOLDERS, CUSTOM)
 SPLIT_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -54,11 +57,19 @@ def _download(dataset: str, root: Path) -> None:
 
 
 def load_split(
-    dataset: str, split: str, root: str | os.PathLike | None = None, download: bool = True
+    dataset: str, split: str, root: str | os.PathLike | None = None, download: bool = True,
+    class_names: Sequence[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images uint8 [N,28,28] and labels int64 [N] of one official split ("train" or "test")."""
+    """Images uint8 [N,28,28] and labels int64 [N] of one split ("train" or "test").
+
+    `class_names` (default the digits) maps the custom dataset's label folders to class indices.
+    """
+    if dataset == CUSTOM:
+        from digitnet.data.folder import load_folder_split
+
+        return load_folder_split(data_root(root) / CUSTOM, split, class_names)
     if dataset not in DATASET_FOLDERS:
-        raise DigitnetError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASET_FOLDERS)}")
+        raise DigitnetError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
     if split not in SPLIT_FILES:
         raise DigitnetError(f"unknown split {split!r}; choose 'train' or 'test'")
     root = data_root(root)

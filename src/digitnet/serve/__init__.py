@@ -1,0 +1,91 @@
+"""`digitnet serve <model>`: a drawing pad in the browser with live predictions, and a collect mode.
+
+The model is an ONNX file, a run dir (its model.onnx) or a registry model (`best`,
+`best:<dataset>`, an id): the server runs onnxruntime on exactly the file the exercise would
+get. Drawings saved on the page go to `<data root>/custom/<label>/`, ready for `data=custom`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from pathlib import Path
+
+from digitnet.data.folder import FOLDER
+from digitnet.data.idx import data_root
+from digitnet.errors import DigitnetError
+from digitnet.predict import Classifier, classifier_from_onnx
+
+
+def load_onnx_classifier(spec: str, registry_url: str | None = None) -> Classifier:
+    """An ONNX file, a run dir holding model.onnx, or a registry model's ONNX."""
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "model.onnx"
+        if not path.is_file():
+            raise DigitnetError(f"{spec} has no model.onnx; export one with `digitnet export <checkpoint> -o {path}`")
+    if path.is_file():
+        if path.suffix != ".onnx":
+            raise DigitnetError(f"{spec} is not an .onnx file; the server runs the exported model: pass a run dir, "
+                                "its model.onnx, or `digitnet export` the checkpoint first")
+        return classifier_from_onnx(path, str(path))
+    if path.suffix in (".onnx", ".ckpt") or os.sep in spec:
+        raise DigitnetError(f"model {spec} not found")
+    return _registry_classifier(spec, registry_url)
+
+
+def _registry_classifier(spec: str, registry_url: str | None) -> Classifier:
+    from digitnet.registry import Registry
+
+    with Registry(registry_url) as registry:
+        if spec == "best" or spec.startswith("best:"):
+            record = registry.best("test/acc", dataset=spec[5:] or None)
+        else:
+            record = registry.get(spec)
+        record = registry.get(record.id, with_onnx=True)
+    if not record.onnx:
+        raise DigitnetError(f"registry model {record.id[:8]} has no ONNX model stored; serve its run dir's model.onnx")
+    return classifier_from_onnx(record.onnx, f"registry model {record.id[:8]} ({record.model}, {record.dataset})")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise DigitnetError(f"cannot listen on {host}:{port} ({err.strerror}); pick another --port") from None
+    return sock
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="digitnet serve",
+        description="A drawing pad in the browser: draw a digit, see the model's top-3 live, and save "
+        "labelled drawings into <data root>/custom/<label>/ for `python train.py data=custom`.",
+    )
+    parser.add_argument("model", help="an .onnx file, a run dir (its model.onnx), a registry id, 'best' or 'best:<dataset>'")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--data-root", help="where drawings go: <data root>/custom/<label>/ (default: $DIGITNET_DATA or data/)")
+    parser.add_argument("--db", help="registry URL for ids and 'best' (default: env DIGITNET_REGISTRY or outputs/registry.db)")
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        raise DigitnetError(f"--port {args.port} must be between 0 and 65535")
+
+    import uvicorn
+
+    from digitnet.serve.app import create_app
+
+    classifier = load_onnx_classifier(args.model, args.db)
+    dataset_dir = (Path(args.data_root) if args.data_root else data_root()) / FOLDER
+    sock = _bind(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving {classifier.source} on http://{shown}:{port}/  (drawings saved to {dataset_dir}; Ctrl-C stops)",
+          flush=True)
+    server = uvicorn.Server(uvicorn.Config(create_app(classifier, dataset_dir), log_level="warning"))
+    server.run(sockets=[sock])
+    return 0

@@ -1,0 +1,309 @@
+"""`digitnet serve`: the page in headless Chromium, live predictions, collecting drawings, training on them, bad uploads."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, compose_config
+from digitnet import cli
+from digitnet.data.idx import load_split
+from digitnet.predict import prepare_digit
+from digitnet.serve import load_onnx_classifier
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SCALE = 10  # canvas pixels per MNIST pixel: the page's canvas is 280x280
+QUIET = ("logger=none", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false", "callbacks.model_summary=null")
+
+
+@dataclass
+class ServedModel:
+    run_dir: Path
+    checkpoint: Path
+    registry_url: str
+
+
+@dataclass
+class Server:
+    url: str
+    dataset_dir: Path  # <data root>/custom
+
+
+@pytest.fixture(scope="module")
+def served_model(real_data, tmp_path_factory) -> ServedModel:
+    """An MLP trained for 200 batches of real MNIST with light augmentation (about 94%), exported to ONNX."""
+    from digitnet.train import train
+
+    root = tmp_path_factory.mktemp("serve_model")
+    url = f"sqlite:///{root / 'registry.db'}"
+    cfg = compose_config("model=mlp", "aug=light", "trainer.max_epochs=1", "trainer.limit_train_batches=200",
+                         "trainer.limit_val_batches=2", "callbacks.onnx_export.test_images=1000", *QUIET,
+                         f"registry.url={url}", output_dir=root / "run")
+    train(cfg)
+    metrics = json.loads((root / "run" / "metrics.json").read_text())
+    return ServedModel(root / "run", Path(metrics["best_checkpoint"]), url)
+
+
+@pytest.fixture(scope="module")
+def server(served_model, tmp_path_factory):
+    """`digitnet serve <run dir> --port 0` in its own process, as a user starts it."""
+    data_root = tmp_path_factory.mktemp("drawings")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "digitnet.cli", "serve", str(served_model.run_dir), "--port", "0", "--data-root", str(data_root)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )
+    line = proc.stdout.readline()  # "serving <model> on http://127.0.0.1:<port>/ ..." once it listens
+    if "http://" not in line:
+        proc.kill()
+        pytest.fail(f"server did not start: {line}{proc.stderr.read()}")
+    url = line.split(" on ")[1].split()[0]
+    yield Server(url, data_root / "custom")
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    page = browser.new_page(viewport={"width": 1000, "height": 560})
+    page.goto(server.url)
+    page.wait_for_selector("body[data-ready=true]")
+    yield page
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def mnist_test(real_data):
+    images, labels = load_split("mnist", "test")
+    return images.numpy(), labels.numpy()
+
+
+def _strokes(digit: np.ndarray) -> list[tuple[tuple[float, float], tuple[float, float]]]:
+    """The digit traced as horizontal strokes over each run of inked pixels, in canvas coordinates."""
+    strokes = []
+    for row, values in enumerate(digit > 100):
+        cols = np.flatnonzero(values)
+        for run in np.split(cols, np.flatnonzero(np.diff(cols) > 1) + 1) if len(cols) else []:
+            y = (row + 0.5) * SCALE
+            strokes.append((((run[0] + 0.5) * SCALE, y), ((run[-1] + 0.5) * SCALE, y)))
+    return strokes
+
+
+def _draw(page, strokes) -> None:
+    box = page.locator("#pad").bounding_box()
+    for (x0, y0), (x1, y1) in strokes:
+        page.mouse.move(box["x"] + x0, box["y"] + y0)
+        page.mouse.down()
+        page.mouse.move(box["x"] + x1, box["y"] + y1, steps=3)
+        page.mouse.up()
+    page.wait_for_selector("body[data-state=idle]")
+
+
+def _shown(page) -> dict:
+    """What the page shows: the big prediction, the top-3 rows and the 28x28 input it drew."""
+    return page.evaluate("""() => ({
+        prediction: document.querySelector('#prediction').textContent,
+        top: [...document.querySelectorAll('#top3 li')].map(li => [li.querySelector('.label').textContent,
+                                                                      li.querySelector('.prob').textContent]),
+        seen: Array.from(document.querySelector('#seen').getContext('2d').getImageData(0, 0, 28, 28).data)
+                   .filter((_, i) => i % 4 == 0),
+    })""")
+
+
+def _first(mnist_test, label: int) -> np.ndarray:
+    images, labels = mnist_test
+    return images[np.flatnonzero(labels == label)[0]]
+
+
+def test_drawing_a_digit_shows_the_right_prediction(page, mnist_test):
+    for label in (7, 2):
+        page.click("#clear")
+        _draw(page, _strokes(_first(mnist_test, label)))
+        shown = _shown(page)
+        assert shown["prediction"] == str(label)
+        assert [row[0] for row in shown["top"]][0] == str(label) and len({row[0] for row in shown["top"]}) == 3
+        probs = [float(row[1].rstrip("%")) for row in shown["top"]]
+        assert probs == sorted(probs, reverse=True) and 50 < probs[0] <= 100 and sum(probs) <= 100.1
+        seen = np.array(shown["seen"]).reshape(28, 28)
+        assert seen.max() == 255 and 50 < (seen > 0).sum() < 400  # an MNIST-like digit, not a blank or full frame
+    (REPO / "docs").mkdir(exist_ok=True)
+    page.screenshot(path=str(REPO / "docs" / "serve.png"))  # the README's picture of the page
+
+
+def test_undo_and_clear(page, mnist_test):
+    _draw(page, _strokes(_first(mnist_test, 7)))
+    before = _shown(page)
+    _draw(page, [((20, 260), (260, 30))])  # a long stray slash changes what the model sees
+    assert _shown(page)["seen"] != before["seen"]
+    page.click("#undo")
+    page.wait_for_selector("body[data-state=idle]")
+    assert _shown(page) == before
+    page.keyboard.press("Escape")
+    page.wait_for_selector("body[data-state=idle]")
+    cleared = _shown(page)
+    assert cleared["prediction"] == "" and not any(cleared["seen"]) and all(row == ["", ""] for row in cleared["top"])
+
+
+def test_collect_saves_the_drawing_the_model_saw(page, server, mnist_test):
+    _draw(page, _strokes(_first(mnist_test, 4)))
+    seen = np.array(_shown(page)["seen"]).reshape(28, 28)
+    before = set((server.dataset_dir / "4").glob("*.png"))
+    page.click("#labels button[data-label='4']")
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('saved')")
+    (saved,) = set((server.dataset_dir / "4").glob("*.png")) - before
+    with Image.open(saved) as image:
+        assert (image.format, image.mode, image.size) == ("PNG", "RGBA", (280, 280))
+        assert np.array_equal(prepare_digit(image), seen)
+    assert page.locator("#labels button[data-label='4'] small").text_content() == str(len(before) + 1)
+    page.wait_for_selector("body[data-state=idle]")
+    assert _shown(page)["prediction"] == ""  # the pad is cleared for the next drawing
+
+
+# ---------------------------------------------------------------------------- the HTTP API
+
+
+def _post(url: str, body: bytes, content_type: str = "image/png") -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def _canvas_png(digit: np.ndarray, size: int = 280) -> bytes:
+    """An MNIST digit as the page sends it: a transparent canvas whose alpha channel is the ink."""
+    alpha = np.asarray(Image.fromarray(digit).resize((size, size), Image.Resampling.BILINEAR))
+    rgba = np.zeros((size, size, 4), np.uint8)
+    rgba[..., 3] = alpha
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _tree(folder: Path) -> set[Path]:
+    return {p for p in folder.parent.rglob("*")}
+
+
+def test_bad_uploads_get_4xx_with_a_message_and_write_nothing(server, mnist_test):
+    digit = _canvas_png(_first(mnist_test, 3))
+    before = _tree(server.dataset_dir)
+    cases = [
+        ("api/predict", b"", 400, "empty upload"),
+        ("api/predict", b"not an image at all", 400, "not a readable image"),
+        ("api/predict", digit[: len(digit) // 2], 400, "not a readable image"),  # truncated PNG
+        ("api/predict", b"\0" * 2_000_001, 413, "larger than 2000000 bytes"),
+        ("api/predict", _png(Image.new("L", (3000, 3000))), 413, "3000x3000"),
+        ("api/predict", _png(Image.new("RGBA", (280, 280))), 422, "no digit found"),  # a blank canvas
+        ("api/collect?label=7", _png(Image.new("RGBA", (280, 280))), 422, "no digit found"),
+        ("api/collect?label=../7", digit, 400, "is not one of the model's classes"),
+        ("api/collect?label=", digit, 400, "is not one of the model's classes"),
+        ("api/collect?label=%2Ftmp", digit, 400, "is not one of the model's classes"),
+        ("api/collect?label=3", b"GIF89a broken", 400, "not a readable image"),
+    ]
+    for path, body, status, message in cases:
+        code, answer = _post(server.url + path, body)
+        assert (code, message in answer["error"]) == (status, True), (path, code, answer)
+    assert _tree(server.dataset_dir) == before
+
+
+def test_predict_answers_probabilities_top3_and_the_prepared_image(server, served_model, mnist_test):
+    digit = _first(mnist_test, 0)
+    code, answer = _post(server.url + "api/predict", _canvas_png(digit))
+    assert code == 200 and answer["top"][0]["label"] == "0"
+    assert abs(sum(answer["probabilities"]) - 1) < 1e-4 and len(answer["probabilities"]) == 10
+    assert [t["probability"] for t in answer["top"]] == sorted(answer["probabilities"], reverse=True)[:3]
+    seen = np.array(answer["image"], dtype=np.uint8).reshape(28, 28)
+    assert np.corrcoef(seen.ravel().astype(float), digit.ravel().astype(float))[0, 1] > 0.9  # MNIST-like again
+    with urllib.request.urlopen(server.url + "api/info", timeout=30) as response:
+        info = json.loads(response.read())
+    assert info["classes"] == [str(i) for i in range(10)] and info["dataset"] == "mnist"
+    assert info["model"] == str(served_model.run_dir / "model.onnx")
+
+
+def test_collected_drawings_train_a_custom_model_that_exports(server, served_model, mnist_test, tmp_path, monkeypatch):
+    """10 drawings per class through the API, then `data=custom init_from=<MNIST checkpoint>` for one epoch."""
+    from digitnet.train import train
+
+    images, labels = mnist_test
+    for label in range(10):
+        for index in np.flatnonzero(labels == label)[-10:]:  # digits the browser tests did not draw
+            code, answer = _post(f"{server.url}api/collect?label={label}", _canvas_png(images[index], size=256))
+            assert code == 201 and answer["saved"].startswith(f"{label}/"), answer
+    assert all(answer["counts"][str(k)] >= 10 for k in range(10))
+
+    monkeypatch.setenv("DIGITNET_DATA", str(server.dataset_dir.parent))
+    cfg = compose_config("data=custom", "model=mlp", "aug=strong", "trainer.max_epochs=1", f"init_from='{served_model.checkpoint}'",
+                         "registry.enabled=false", *QUIET, output_dir=tmp_path / "run")
+    train(cfg)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    test_images, _ = load_split("custom", "test")
+    assert metrics["onnx/test_images"] == len(test_images) >= 20  # verified on the custom test split
+    assert metrics["onnx/test_acc"] == metrics["onnx/torch_test_acc"] == pytest.approx(metrics["test/acc"])
+    assert metrics["test/acc"] >= 0.8  # fine-tuned from the MNIST model, not learnt from 100 drawings alone
+    model = onnx.load(tmp_path / "run" / "model.onnx")
+    assert {p.key: p.value for p in model.metadata_props}["dataset"] == "custom"
+    classifier = load_onnx_classifier(str(tmp_path / "run"))  # what `digitnet serve <that run>` loads
+    probs = classifier.probabilities(test_images[:, None].float())
+    assert probs.shape == (len(test_images), 10) and torch.allclose(probs.sum(1), torch.ones(len(test_images)), atol=1e-4)
+
+
+# ---------------------------------------------------------------------------- models and command line
+
+
+def test_registry_best_is_served_from_its_stored_onnx(served_model):
+    classifier = load_onnx_classifier("best", served_model.registry_url)
+    from_file = load_onnx_classifier(str(served_model.run_dir / "model.onnx"))
+    x = torch.rand(4, 1, 28, 28)
+    assert classifier.source.startswith("registry model") and classifier.data_name == "mnist"
+    assert torch.equal(classifier.probabilities(x), from_file.probabilities(x))
+
+
+def test_command_line_errors_are_one_line(served_model, tmp_path, capsys):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    empty_registry = f"sqlite:///{tmp_path / 'empty.db'}"
+    cases = [
+        ([str(tmp_path / "missing.onnx")], "model " + str(tmp_path / "missing.onnx") + " not found"),
+        ([str(served_model.checkpoint)], "is not an .onnx file"),
+        ([str(tmp_path)], "has no model.onnx"),
+        (["best", "--db", empty_registry], "no model in registry"),
+        ([str(served_model.run_dir), "--port", str(taken.getsockname()[1])], "cannot listen on 127.0.0.1"),
+        ([str(served_model.run_dir), "--port", "70000"], "must be between 0 and 65535"),
+    ]
+    for args, message in cases:
+        assert cli.main(["serve", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err, err
+    taken.close()
