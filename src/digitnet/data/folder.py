@@ -5,11 +5,11 @@ channel as ink, like the seed project's canvases. Each is prepared once by
 `digitnet.predict.prepare_digit` into the uint8 [N,28,28] tensors of the fast path, so every
 augmentation preset and model works unchanged.
 
-The test split is fixed by the folder alone, so `digitnet export` and `eval.py` (which ask
-`load_split(name, "test")` without any config) see the same test images as training: per
-class, the files whose name hashes lowest are test images. It is stratified (each class keeps
-TEST_FRACTION of its images out) and stable: adding drawings never moves an old one between
-train and test. Validation is then carved out of "train" by the DataModule (`data.val_size`).
+The test split is fixed by the folder's files alone, so `digitnet export` and `eval.py` (which
+ask `load_split(name, "test")` without any config) see the same test images as training: per
+class, the TEST_FRACTION of files whose names hash lowest. It is stratified and deterministic
+(the same files split the same way in any process, on any machine); adding drawings only moves
+the few files at a class's cut. Validation is carved out of "train" by the DataModule (`data.val_size`).
 """
 
 from __future__ import annotations
