@@ -87,7 +87,9 @@ def classifier_from_onnx(model: str | Path | bytes, source: str) -> Classifier:
 def classifier_from_record(record, device: torch.device | None = None) -> Classifier:
     """A registry record's checkpoint if it is still on disk, else its stored ONNX bytes."""
     if record.checkpoint and Path(record.checkpoint).is_file():
-        return classifier_from_checkpoint(record.checkpoint, device)
+        classifier = classifier_from_checkpoint(record.checkpoint, device)
+        classifier.source = f"registry model {record.id[:8]} ({record.checkpoint})"
+        return classifier
     if record.onnx:
         return classifier_from_onnx(record.onnx, f"registry model {record.id[:8]} (stored ONNX)")
     raise DigitnetError(

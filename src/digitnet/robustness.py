@@ -8,6 +8,7 @@ angle), so each table cell measures one well-defined difficulty.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 
@@ -17,6 +18,8 @@ from torch import Tensor
 
 from digitnet.data.augment import _affine_theta, _gaussian_blur
 from digitnet.errors import DigitnetError
+
+log = logging.getLogger(__name__)
 
 
 def _affine(x: Tensor, angle: Tensor, shift: Tensor, zoom: float) -> Tensor:
@@ -95,4 +98,5 @@ def robustness_table(
             predicted = probabilities(corrupt(x, float(strength), gen)).argmax(1)
             rows.append((float(strength), (predicted == labels.to(predicted.device)).float().mean().item()))
         table[name] = rows
+        log.info("robustness %-9s %s", name, "  ".join(f"{s:g}: {a:.4f}" for s, a in rows))  # progress on slow CPUs
     return table
