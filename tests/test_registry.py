@@ -10,8 +10,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+import sqlalchemy
 
 from conftest import REPO
+from postgres_server import postgres_url  # noqa: F401 (fixture)
 from digitnet import cli
 from digitnet.errors import DigitnetError
 from digitnet.registry import ModelRecord, Registry
@@ -119,8 +121,22 @@ for i in range(25):
 """
 
 
-def test_two_processes_writing_at_once_lose_nothing(tmp_path):
-    url = f"sqlite:///{tmp_path / 'fresh.db'}"  # both writers also race to create the schema
+@pytest.fixture(params=["sqlite", "postgresql"])
+def fresh_database(request, tmp_path) -> str:
+    """A URL of an empty database, so concurrent writers also race to create the schema."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'fresh.db'}"
+    server = request.getfixturevalue("postgres_url")
+    name = f"registry_{uuid.uuid4().hex[:12]}"
+    engine = sqlalchemy.create_engine(server, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    engine.dispose()
+    return server.rsplit("/", 1)[0] + "/" + name
+
+
+def test_two_processes_writing_at_once_lose_nothing(tmp_path, fresh_database):
+    url = fresh_database
     start = tmp_path / "go"
     writers = [
         subprocess.Popen([sys.executable, "-c", WRITER, url, tag, str(start)], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
@@ -131,7 +147,7 @@ def test_two_processes_writing_at_once_lose_nothing(tmp_path):
         assert writer.wait(timeout=120) == 0, writer.stderr.read()
     with Registry(url) as registry:
         records = registry.list()
-    assert len({r.id for r in records}) == 50
+    assert len(records) == len({r.id for r in records}) == 50
     for tag in ("a", "b"):
         assert sorted(r.metrics["i"] for r in records if r.metrics["writer"] == tag) == list(range(25))
 

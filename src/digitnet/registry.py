@@ -125,12 +125,19 @@ class Registry:
                 _sqlite_engine(self.url) if engine_url.get_backend_name() == "sqlite" else sa.create_engine(self.url)
             )
         except (exc.ArgumentError, exc.NoSuchModuleError, ImportError) as err:
-            raise DigitnetError(f"cannot open registry {self._shown_url}: {err}") from None
-        with self._transaction() as conn:
-            _metadata.create_all(conn)
+            raise DigitnetError(f"cannot open registry {self.shown_url}: {err}") from None
+        try:
+            with self._transaction() as conn:
+                _metadata.create_all(conn)
+        except DigitnetError:
+            # A parallel worker created the table between the existence check and CREATE TABLE.
+            # (SQLite serialises both with BEGIN IMMEDIATE; server databases need a second look.)
+            with self._transaction() as conn:
+                if not sa.inspect(conn).has_table(MODELS.name):
+                    raise
 
     @property
-    def _shown_url(self) -> str:
+    def shown_url(self) -> str:
         return sa.engine.make_url(self.url).render_as_string(hide_password=True)
 
     def __enter__(self) -> Registry:
@@ -146,7 +153,7 @@ class Registry:
                 yield conn
         except exc.DBAPIError as err:  # unreachable server, locked or unwritable file, not a database...
             reason = str(err.orig).splitlines()[0] if err.orig else str(err)
-            raise DigitnetError(f"registry {self._shown_url}: {reason}") from None
+            raise DigitnetError(f"registry {self.shown_url}: {reason}") from None
 
     # ------------------------------------------------------------------ writing
 
@@ -188,7 +195,7 @@ class Registry:
         rows = conn.execute(sa.select(*columns).where(MODELS.c.id.startswith(prefix, autoescape=True)).limit(2)).all()
         if not prefix or not rows:
             raise DigitnetError(
-                f"no model with id {record_id!r} in registry {self._shown_url}; `digitnet models list` shows the ids"
+                f"no model with id {record_id!r} in registry {self.shown_url}; `digitnet models list` shows the ids"
             )
         if len(rows) > 1:
             raise DigitnetError(f"id prefix {record_id!r} matches several models; give more characters of the id")
@@ -228,7 +235,7 @@ class Registry:
         if not ranked:
             shown = ", ".join(f"{k}={v}" for k, v in filters.items() if v) or "any dataset"
             raise DigitnetError(
-                f"no model in registry {self._shown_url} has metric {metric!r} ({shown}); "
+                f"no model in registry {self.shown_url} has metric {metric!r} ({shown}); "
                 "train one with `python train.py` or pick another metric"
             )
         return ranked[0]
@@ -375,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     with Registry(args.db) as registry:
         if args.action == "list":
             records = registry.list(args.dataset, args.model, args.tag, args.sort, not args.asc)
+            if not records:
+                print(f"no models recorded in {registry.shown_url} (matching these filters); "
+                      "every finished `python train.py` run adds one")
+                return 0
             _print_table(records[: args.limit], [m for m in args.metrics.split(",") if m])
         elif args.action == "show":
             record = registry.get(args.id, with_onnx=True)
