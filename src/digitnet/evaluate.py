@@ -75,13 +75,13 @@ class Evaluation:
         confidence, predicted = self.probs.max(1)
         correct = (predicted == self.labels).float()
         edges = torch.linspace(0, 1, self.n_bins + 1)
-        index = (torch.bucketize(confidence, edges, right=True) - 1).clamp(max=self.n_bins - 1)
+        index = torch.bucketize(confidence, edges, right=True) - 1  # like torchmetrics: exactly 1.0 is a bin of its own
         bins = []
-        for b in range(self.n_bins):
+        for b in range(self.n_bins + 1):
             inside = index == b
-            n = int(inside.sum())
-            if n:
-                bins.append((edges[b].item(), edges[b + 1].item(), n, confidence[inside].mean().item(), correct[inside].mean().item()))
+            if n := int(inside.sum()):
+                low, high = edges[b].item(), edges[min(b + 1, self.n_bins)].item()
+                bins.append((low, high, n, confidence[inside].mean().item(), correct[inside].mean().item()))
         return bins
 
     def confused_pairs(self, top: int) -> list[tuple[str, str, int]]:

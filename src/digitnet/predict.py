@@ -39,7 +39,6 @@ class Classifier:
     class_names: list[str]
     data_name: str
     source: str  # what was loaded, for messages and reports
-    checkpoint: Path | None = None
 
 
 def default_device() -> torch.device:
@@ -59,7 +58,7 @@ def classifier_from_checkpoint(path: str | Path, device: torch.device | None = N
         return torch.cat([net(chunk.to(device)).softmax(1).cpu() for chunk in x.split(BATCH)])
 
     hparams = module.hparams
-    return Classifier(probabilities, [str(c) for c in hparams.class_names], hparams.data_name, str(path), Path(path))
+    return Classifier(probabilities, [str(c) for c in hparams.class_names], hparams.data_name, str(path))
 
 
 def classifier_from_onnx(model: str | Path | bytes, source: str) -> Classifier:
