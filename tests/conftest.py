@@ -57,3 +57,12 @@ def run_train(*overrides: str, run_dir: Path, timeout: float = 600) -> subproces
          "callbacks.progress_bar=null", "trainer.enable_progress_bar=false"],
         capture_output=True, text=True, timeout=timeout, cwd=REPO,
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_registry(tmp_path_factory):
+    """Training runs of the tests (and their subprocesses) record into a throwaway registry."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('registry') / 'registry.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DIGITNET_REGISTRY", url)
+        yield url
