@@ -11,7 +11,7 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from omegaconf import OmegaConf
 
-from digitnet.data.augment import BatchAugment, _affine_theta, _random_affine_theta, build_augment
+from digitnet.data.augment import BatchAugment, affine_theta, _random_affine_theta, build_augment
 from digitnet.errors import DigitnetError
 
 AUG_DIR = Path(__file__).resolve().parents[1] / "conf" / "aug"
@@ -138,7 +138,7 @@ def test_affine_matrix_means_what_torchvision_affine_means(angle, shift, scale) 
         x, angle=angle, translate=list(shift), scale=scale, shear=[0.0, 0.0],
         interpolation=T.InterpolationMode.BILINEAR,
     )
-    theta = _affine_theta(torch.tensor([angle]), torch.tensor([shift]), torch.tensor([scale]), (28, 28))
+    theta = affine_theta(torch.tensor([angle]), torch.tensor([shift]), torch.tensor([scale]), (28, 28))
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     actual = F.grid_sample(x, grid, align_corners=False)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)

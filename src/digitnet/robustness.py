@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from digitnet.data.augment import _affine_theta, _gaussian_blur
+from digitnet.data.augment import affine_theta, gaussian_blur
 from digitnet.errors import DigitnetError
 
 log = logging.getLogger(__name__)
 
 
 def _affine(x: Tensor, angle: Tensor, shift: Tensor, zoom: float) -> Tensor:
-    theta = _affine_theta(angle, shift, torch.full_like(angle, zoom), tuple(x.shape[-2:]))
+    theta = affine_theta(angle, shift, torch.full_like(angle, zoom), tuple(x.shape[-2:]))
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -51,7 +51,7 @@ def scale(x: Tensor, zoom: float, gen: torch.Generator) -> Tensor:
 
 def blur(x: Tensor, sigma: float, gen: torch.Generator) -> Tensor:
     """Gaussian blur with `sigma` pixels (0: unchanged)."""
-    return x if sigma == 0 else _gaussian_blur(x, torch.full((len(x),), float(sigma), device=x.device))
+    return x if sigma == 0 else gaussian_blur(x, torch.full((len(x),), float(sigma), device=x.device))
 
 
 def noise(x: Tensor, std: float, gen: torch.Generator) -> Tensor:

@@ -46,7 +46,7 @@ def _bernoulli(n: int, p: float, like: Tensor, gen: torch.Generator | None) -> T
 # --------------------------------------------------------------------------- geometry
 
 
-def _affine_theta(angle_deg: Tensor, shift_px: Tensor, scale: Tensor, size: tuple[int, int]) -> Tensor:
+def affine_theta(angle_deg: Tensor, shift_px: Tensor, scale: Tensor, size: tuple[int, int]) -> Tensor:
     """Inverse affine matrices ``[B, 2, 3]`` for ``F.affine_grid`` (align_corners=False).
 
     Same meaning as ``torchvision.transforms.v2.functional.affine`` (checked in the tests):
@@ -77,10 +77,10 @@ def _random_affine_theta(
     shift_x = _uniform(b, -translate[0] * w, translate[0] * w, x, gen)
     shift_y = _uniform(b, -translate[1] * h, translate[1] * h, x, gen)
     zoom = _uniform(b, scale[0], scale[1], x, gen)
-    return _affine_theta(angle, torch.stack([shift_x, shift_y], dim=1), zoom, (h, w))
+    return affine_theta(angle, torch.stack([shift_x, shift_y], dim=1), zoom, (h, w))
 
 
-def _gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
+def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
     """Blur each sample of ``x = [B, C, H, W]`` with its own Gaussian ``sigma = [B]`` (pixels).
 
     A separable blur is two small matrix products, ``K_h @ x @ K_w^T``, with one Gaussian
@@ -108,7 +108,7 @@ def _elastic_displacement(
     """
     b, _, h, w = x.shape
     noise = torch.randn(b, 2, h, w, device=x.device, generator=gen)
-    field = _gaussian_blur(noise, torch.full((b,), sigma_px, device=x.device))
+    field = gaussian_blur(noise, torch.full((b,), sigma_px, device=x.device))
     rms = field.square().mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-12)
     strength = _uniform(b, 0.0, alpha_px, x, gen)[:, None, None, None]
     field = field / rms * strength
@@ -194,7 +194,7 @@ def _random_blur(
 ) -> Tensor:
     """With probability ``p`` per sample, Gaussian blur with sigma ~ U(sigma) pixels (defocus)."""
     b = x.shape[0]
-    blurred = _gaussian_blur(x, _uniform(b, sigma[0], sigma[1], x, gen))
+    blurred = gaussian_blur(x, _uniform(b, sigma[0], sigma[1], x, gen))
     return torch.where(_bernoulli(b, p, x, gen)[:, None, None, None], blurred, x)
 
 
