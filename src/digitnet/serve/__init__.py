@@ -12,10 +12,13 @@ import os
 import socket
 from pathlib import Path
 
+import uvicorn
+
 from digitnet.data.folder import FOLDER
 from digitnet.data.idx import data_root
 from digitnet.errors import DigitnetError
 from digitnet.predict import Classifier, classifier_from_onnx
+from digitnet.serve.app import create_app
 
 
 def load_onnx_classifier(spec: str, registry_url: str | None = None) -> Classifier:
@@ -74,10 +77,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         raise DigitnetError(f"--port {args.port} must be between 0 and 65535")
-
-    import uvicorn
-
-    from digitnet.serve.app import create_app
 
     classifier = load_onnx_classifier(args.model, args.db)
     dataset_dir = (Path(args.data_root) if args.data_root else data_root()) / FOLDER

@@ -57,14 +57,18 @@ async def _body(request: Request) -> bytes:
 
 def decode_image(data: bytes) -> Image.Image:
     """A fully decoded image, or an HTTPException saying why not."""
+    too_large = f"at most {MAX_PIXELS} pixels (2048x2048)"
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)
-        if image.width * image.height > MAX_PIXELS:
-            raise HTTPException(413, f"image is {image.width}x{image.height}; at most {MAX_PIXELS} pixels")
+    except Image.DecompressionBombError:  # PIL refuses headers claiming hundreds of megapixels itself
+        raise HTTPException(413, f"image has far too many pixels; {too_large}") from None
+    except (OSError, SyntaxError, ValueError, EOFError):  # PIL's ways of saying "not an image I can read"
+        raise HTTPException(400, f"not a readable image (formats: {', '.join(FORMATS)})") from None
+    if image.width * image.height > MAX_PIXELS:  # checked before decoding a single pixel
+        raise HTTPException(413, f"image is {image.width}x{image.height}; {too_large}")
+    try:
         image.load()
-    except HTTPException:
-        raise
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):  # PIL's ways of saying "broken"
+    except (OSError, SyntaxError, ValueError, EOFError):  # truncated or corrupt pixel data
         raise HTTPException(400, f"not a readable image (formats: {', '.join(FORMATS)})") from None
     return image
 
@@ -81,6 +85,7 @@ class DrawingPad:
 
     def __init__(self, classifier: Classifier, dataset_dir: Path):
         self.classifier, self.dataset_dir = classifier, dataset_dir.resolve()
+        self.shown_dir = str(dataset_dir)  # as the user gave it
         self.page = PAGE.read_text(encoding="utf-8")
 
     def counts(self) -> dict[str, int]:
@@ -99,7 +104,7 @@ class DrawingPad:
     async def info(self, request: Request) -> JSONResponse:
         c = self.classifier
         return JSONResponse({"model": c.source, "dataset": c.data_name, "classes": c.class_names,
-                             "collect_dir": str(self.dataset_dir), "counts": self.counts()})
+                             "collect_dir": self.shown_dir, "counts": self.counts()})
 
     async def predict(self, request: Request) -> JSONResponse:
         image = decode_image(await _body(request))
