@@ -33,6 +33,9 @@ def validate(cfg: DictConfig) -> None:
     _require(float(optim.get("weight_decay", 0)) >= 0, f"optim.weight_decay={optim.weight_decay} must be >= 0")
     _require(cfg.sched.name in SCHEDULES, f"sched.name={cfg.sched.name!r} is not one of {list(SCHEDULES)}")
     _require(0 <= float(cfg.label_smoothing) < 1, f"label_smoothing={cfg.label_smoothing} must be in [0, 1)")
+    _require(cfg.ema_decay is None or 0 < float(cfg.ema_decay) < 1, f"ema_decay={cfg.ema_decay} must be in (0, 1) or null")
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        _require(float(cfg[key]) >= 0, f"{key}={cfg[key]} must be >= 0 (0 switches it off)")
     max_epochs = cfg.trainer.get("max_epochs")
     _require(max_epochs is None or int(max_epochs) >= 1 or int(max_epochs) == -1,
              f"trainer.max_epochs={max_epochs} must be >= 1 (or -1 for no limit)")

@@ -16,6 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from digitnet.data.augment import build_augment
 from digitnet.errors import DigitnetError
+from digitnet.mix import build_mix
 from digitnet.models import PerImageStandardize, build_backbone
 from digitnet.optim import build_optimizer, build_scheduler
 
@@ -36,6 +37,8 @@ class DigitClassifier(L.LightningModule):
         class_names: Sequence[str] = tuple(str(i) for i in range(10)),
         data_name: str = "mnist",
         label_smoothing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -44,6 +47,7 @@ class DigitClassifier(L.LightningModule):
             PerImageStandardize(), build_backbone(num_classes=len(class_names), **backbone_cfg)
         )
         self.augment = build_augment(aug or {})
+        self.mix = build_mix(mixup_alpha, cutmix_alpha, len(class_names))  # None when off
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         num_classes = len(class_names)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -62,6 +66,8 @@ class DigitClassifier(L.LightningModule):
         x = x.unsqueeze(1).float().div_(255)
         if self.trainer is not None and self.trainer.training:
             x = self.augment(x)
+            if self.mix is not None:  # y becomes target probabilities [B, num_classes]
+                x, y = self.mix(x, y)
         return x, y
 
     def _step(self, batch):
@@ -78,7 +84,7 @@ class DigitClassifier(L.LightningModule):
             )
         if batch_idx == 0:
             self._log_images("train/augmented_samples", batch[0])
-        self.train_acc(preds, y)
+        self.train_acc(preds, y if y.ndim == 1 else y.argmax(1))  # mixed batches: the larger share
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss

@@ -8,11 +8,13 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from digitnet.config import validate
+from digitnet.ema import EMA
 from digitnet.errors import DigitnetError
 from digitnet.module import DigitClassifier
 from digitnet.registry import record_run
@@ -26,7 +28,7 @@ def _instantiate_all(group: DictConfig | None) -> list:
 
 
 def build_module(cfg: DictConfig) -> DigitClassifier:
-    return DigitClassifier(
+    module = DigitClassifier(
         model=OmegaConf.to_container(cfg.model, resolve=True),
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         sched=OmegaConf.to_container(cfg.sched, resolve=True),
@@ -34,7 +36,14 @@ def build_module(cfg: DictConfig) -> DigitClassifier:
         class_names=list(cfg.data.class_names),
         data_name=cfg.data.name,
         label_smoothing=cfg.label_smoothing,
+        mixup_alpha=cfg.mixup_alpha,
+        cutmix_alpha=cfg.cutmix_alpha,
     )
+    if cfg.channels_last:  # NHWC kernels; [B,1,28,28] inputs are already NHWC-contiguous
+        module.to(memory_format=torch.channels_last)
+    if cfg.compile:  # compiles forward in place: state_dict keys (checkpoints) stay those of the plain net
+        module.net.compile()
+    return module
 
 
 def init_weights(module: DigitClassifier, path: str) -> None:
@@ -84,9 +93,10 @@ def train(cfg: DictConfig) -> float | list[float]:
             raise DigitnetError("set either ckpt_path (resume a run) or init_from (fine-tune from weights), not both")
         init_weights(module, cfg.init_from)
     loggers = _instantiate_all(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=loggers or False, default_root_dir=run_dir
-    )
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    if cfg.ema_decay is not None:
+        callbacks.append(EMA(cfg.ema_decay))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=run_dir)
 
     start = time.perf_counter()
     trainer.fit(module, datamodule, ckpt_path=cfg.ckpt_path)
