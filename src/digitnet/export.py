@@ -193,10 +193,12 @@ def _check_contract(proto: onnx.ModelProto) -> None:
         raise DigitnetError(f"exported graph has IR {proto.ir_version}, opsets {opsets}; the exercise needs IR <= 8, opset <= 17")
 
 
-def _test_images(data_name: str, data_root: str | Path | None, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _test_images(
+    data_name: str, class_names: list[str], data_root: str | Path | None, limit: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     from digitnet.data.idx import load_split
 
-    images, labels = load_split(data_name, "test", root=data_root)
+    images, labels = load_split(data_name, "test", root=data_root, class_names=class_names)
     images, labels = images[:limit], labels[:limit]
     return images.unsqueeze(1).float().div(255), labels  # the training input convention
 
@@ -224,7 +226,7 @@ def export_onnx(
     proto = _to_onnx(model, dynamic_batch)
     _check_contract(proto)
 
-    x, y = _test_images(data_name, data_root, test_images)
+    x, y = _test_images(data_name, class_names, data_root, test_images)
     with torch.inference_mode():
         torch_probs = torch.cat([model(chunk) for chunk in x.split(VERIFY_BATCH)]).numpy()
     onnx_probs = _onnx_probabilities(proto, x)
