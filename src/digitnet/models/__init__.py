@@ -30,5 +30,5 @@ def build_backbone(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
 
 
 # importing the families fills the registry
-from digitnet.models import cnn, convnext, mlp, resnet  # noqa: E402,F401
+from digitnet.models import cnn, convnext, convpool, mlp, resnet  # noqa: E402,F401
 from digitnet.models.standardize import PerImageStandardize  # noqa: E402,F401

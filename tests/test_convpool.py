@@ -1,0 +1,18 @@
+"""The VGG-style speedrun backbone: parameter count, and its head sized for any number of stages."""
+
+from __future__ import annotations
+
+import torch
+
+from digitnet.models import build_backbone
+
+
+def test_convpool_parameter_count():
+    # convs 1*16*9 + 16*32*9 + 32*64*9, BN scales and shifts 2*(16+32+64), head 64*3*3*10 + 10
+    assert sum(p.numel() for p in build_backbone("convpool").parameters()) == 29_178
+
+
+def test_convpool_head_fits_the_number_of_stages():
+    two_stages = build_backbone("convpool", widths=[8, 16], num_classes=3)
+    assert two_stages[-1].in_features == 16 * 7 * 7
+    assert two_stages(torch.rand(2, 1, 28, 28)).shape == (2, 3)
