@@ -5,7 +5,7 @@ same batch size. The baseline is what most MNIST scripts do: torchvision.dataset
 transforms, collated by a DataLoader, in a plain PyTorch loop. Ours is the full Lightning run:
 uint8 tensors in memory, one gather per batch, batched augmentation after the device transfer.
 
-    python benchmarks/throughput.py --model cnn --aug light --batches 200 --repeats 3
+    python benchmarks/throughput.py --model cnn --aug light --batches 200 --repeats 3 [--channels-last]
 
 Prints samples/s per pipeline (median of the repeats, each run alternating) and the ratio.
 """
@@ -49,9 +49,11 @@ class Stopwatch(L.Callback):
         self.end = time.perf_counter()
 
 
-def digitnet_pipeline(model: str, aug: str, batch_size: int, batches: int, warmup: int) -> float:
+def digitnet_pipeline(model: str, aug: str, batch_size: int, batches: int, warmup: int, channels_last: bool) -> float:
     datamodule = DigitDataModule("mnist", batch_size=batch_size, download=False)
     module = DigitClassifier(model={"name": model}, optim=OPTIM, sched={"name": "none"}, aug=AUGS[aug][0])
+    if channels_last:  # what `python train.py channels_last=true` does
+        module.to(memory_format=torch.channels_last)
     watch = Stopwatch(warmup)
     trainer = L.Trainer(
         accelerator="auto", devices=1, max_epochs=1, limit_train_batches=batches, limit_val_batches=0,
@@ -91,10 +93,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="baseline DataLoader workers to try")
+    parser.add_argument("--channels-last", action="store_true", help="ours in NHWC layout (config channels_last=true)")
     args = parser.parse_args()
     L.seed_everything(0, verbose=False)
 
-    runs = {"digitnet": lambda: digitnet_pipeline(args.model, args.aug, args.batch_size, args.batches, args.warmup)}
+    runs = {"digitnet": lambda: digitnet_pipeline(
+        args.model, args.aug, args.batch_size, args.batches, args.warmup, args.channels_last
+    )}
     for w in args.workers:
         runs[f"torchvision (workers={w})"] = lambda w=w: torchvision_pipeline(
             args.model, args.aug, args.batch_size, args.batches, args.warmup, w
@@ -107,7 +112,7 @@ def main() -> None:
     medians = {name: statistics.median(v) for name, v in results.items()}
     best_baseline = max(v for name, v in medians.items() if name != "digitnet")
     print(f"model={args.model} aug={args.aug} batch={args.batch_size} batches={args.batches} "
-          f"repeats={args.repeats} threads={torch.get_num_threads()}")
+          f"repeats={args.repeats} threads={torch.get_num_threads()} channels_last={args.channels_last}")
     for name, value in medians.items():
         print(f"{name:28s} {value:9.0f} samples/s  (runs: {', '.join(f'{v:.0f}' for v in results[name])})")
     print(f"speedup vs best baseline: {medians['digitnet'] / best_baseline:.2f}x")
