@@ -77,7 +77,7 @@ def test_metrics_agree_with_each_other(report, trained):
 
 def test_reliability_bins_give_the_reported_ece(trained, report):
     from digitnet.evaluate import Evaluation
-    from digitnet.predict import load_classifier
+    from digitnet.classifier import load_classifier
     from digitnet.data.idx import load_split
 
     _, _, summary = report

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +13,9 @@ from conftest import write_idx
 from digitnet import cli
 from digitnet.data.idx import load_split
 from digitnet.errors import DigitnetError
-from digitnet.predict import load_classifier, load_inputs, prepare_digit
+from digitnet.classifier import load_classifier
+from digitnet.data.prepare import prepare_digit
+from digitnet.predict import load_inputs
 from tiny_run import tiny_run
 
 N = 30

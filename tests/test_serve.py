@@ -23,7 +23,7 @@ from PIL import Image
 from conftest import REPO, compose_config
 from digitnet import cli
 from digitnet.data.idx import load_split
-from digitnet.predict import prepare_digit
+from digitnet.data.prepare import prepare_digit
 from digitnet.serve import load_onnx_classifier
 
 CHROMIUM = "/usr/bin/chromium"

@@ -32,7 +32,7 @@ def run_task(task: Callable, cfg):
 COMMANDS = {
     "export": ("digitnet.export", "write a verified model.onnx from a checkpoint"),
     "sweep-report": ("digitnet.sweep.report", "write best.yaml, trials.csv and plots of a stored Optuna study"),
-    "models": ("digitnet.registry", "list, show, rank, tag and remove models recorded by training runs"),
+    "models": ("digitnet.registry_cli", "list, show, rank, tag and remove models recorded by training runs"),
     "predict": ("digitnet.predict", "classify image files, folders, IDX or .npy files with a trained model"),
     "serve": ("digitnet.serve", "a drawing pad in the browser: live predictions, collect drawings for data=custom"),
 }

@@ -27,7 +27,8 @@ from torchmetrics.functional.classification import (
 
 from digitnet.data.idx import load_split
 from digitnet.errors import DigitnetError
-from digitnet.predict import Classifier, load_classifier, write_atomically
+from digitnet.atomic import write_atomically
+from digitnet.classifier import Classifier, load_classifier
 from digitnet.robustness import CORRUPTIONS, robustness_table
 
 matplotlib.use("Agg")  # figures are files; no display needed

@@ -3,15 +3,13 @@
 Every finished `python train.py` run adds one record (see `record_run`); `digitnet models ...`
 lists, shows, ranks, comments, tags and removes them. The default database is the SQLite file
 `outputs/registry.db`; any SQLAlchemy URL works (config `registry.url` or `--db`, else env
-`DIGITNET_REGISTRY`).
+`DIGITNET_REGISTRY`); the `digitnet models` command is in `digitnet.registry_cli`.
 Writes are single short transactions, so parallel sweep workers lose nothing (SQLite: WAL
 journal, a long busy timeout and BEGIN IMMEDIATE, which queues writers instead of failing them).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import subprocess
 import uuid
@@ -221,9 +219,9 @@ class Registry:
             records = [r for r in records if tag in r.tags]
         if sort:
             # metrics are a JSON column, whose SQL accessors differ per database: sort here
-            ranked = [r for r in records if _number(r.metrics.get(sort)) is not None]
-            ranked.sort(key=lambda r: _number(r.metrics[sort]), reverse=descending)
-            records = ranked + [r for r in records if _number(r.metrics.get(sort)) is None]
+            ranked = [r for r in records if number_or_none(r.metrics.get(sort)) is not None]
+            ranked.sort(key=lambda r: number_or_none(r.metrics[sort]), reverse=descending)
+            records = ranked + [r for r in records if number_or_none(r.metrics.get(sort)) is None]
         return records
 
     def best(self, metric: str = "test/acc", mode: str = "max", **filters) -> ModelRecord:
@@ -231,7 +229,7 @@ class Registry:
         if mode not in ("max", "min"):
             raise DigitnetError(f"mode {mode!r} must be 'max' or 'min'")
         ranked = [r for r in self.list(sort=metric, descending=mode == "max", **filters)
-                  if _number(r.metrics.get(metric)) is not None]
+                  if number_or_none(r.metrics.get(metric)) is not None]
         if not ranked:
             shown = ", ".join(f"{k}={v}" for k, v in filters.items() if v) or "any dataset"
             raise DigitnetError(
@@ -248,7 +246,7 @@ def _record(row: sa.Row) -> ModelRecord:
     return ModelRecord(**values)
 
 
-def _number(value) -> float | None:
+def number_or_none(value) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
@@ -280,135 +278,3 @@ def record_run(url: str | None, config: Mapping, metrics: Mapping, run_dir: str 
 
 def _existing(path: Path) -> str | None:
     return str(path) if path.exists() else None
-
-
-# ---------------------------------------------------------------------- `digitnet models`
-
-
-def _format_metric(value) -> str:
-    number = _number(value)
-    return "-" if number is None else f"{number:.4f}" if abs(number) < 100 else f"{number:.0f}"
-
-
-def _print_table(records: list[ModelRecord], metrics: list[str]) -> None:
-    header = ["id", "created", "dataset", "model", "params", *metrics, "tags", "comment"]
-    rows = [
-        [r.id[:8], r.created.astimezone().strftime("%Y-%m-%d %H:%M"), r.dataset, r.model, str(r.params or "-"),
-         *(_format_metric(r.metrics.get(m)) for m in metrics), ",".join(r.tags), r.comment]
-        for r in records
-    ]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-
-
-def _show(record: ModelRecord, with_config: bool) -> None:
-    fields = {
-        "id": record.id,
-        "created": record.created.astimezone().isoformat(timespec="seconds"),
-        "dataset": record.dataset,
-        "model": record.model,
-        "params": record.params,
-        "run_dir": record.run_dir,
-        "checkpoint": record.checkpoint,
-        "onnx_path": record.onnx_path,
-        "onnx_bytes": len(record.onnx) if record.onnx else None,
-        "git_commit": record.git_commit,
-        "tags": ", ".join(record.tags),
-        "comment": record.comment,
-    }
-    for key, value in fields.items():
-        print(f"{key:11s} {'-' if value in (None, '') else value}")
-    print("metrics:")
-    for key, value in sorted(record.metrics.items()):
-        print(f"  {key:22s} {value}")
-    if with_config:
-        print("config:")
-        print(json.dumps(record.config, indent=2))
-
-
-def _write_onnx(record: ModelRecord, path: Path) -> None:
-    if not record.onnx:
-        raise DigitnetError(f"model {record.id[:8]} has no ONNX bytes stored (its run wrote no model.onnx)")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(record.onnx)
-    tmp.replace(path)  # a reader never sees half a file
-    print(f"wrote {path} ({len(record.onnx)} bytes)")
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="digitnet models", description="List, rank and manage recorded models.")
-    parser.add_argument("--db", help=f"SQLAlchemy URL (default: env DIGITNET_REGISTRY or {DEFAULT_URL})")
-    sub = parser.add_subparsers(dest="action", required=True, metavar="action")
-
-    listing = sub.add_parser("list", help="recorded models, newest first")
-    listing.add_argument("--dataset", help="only this dataset (mnist, fashion)")
-    listing.add_argument("--model", help="only this backbone (mlp, cnn, resnet, convnext)")
-    listing.add_argument("--tag", help="only models with this tag")
-    listing.add_argument("--sort", metavar="METRIC", help="order by this metric, e.g. test/acc")
-    listing.add_argument("--asc", action="store_true", help="ascending order (for losses)")
-    listing.add_argument("--metrics", default="test/acc,val/acc_best,test/loss", help="comma-separated columns")
-    listing.add_argument("-n", "--limit", type=int, help="show at most this many")
-
-    show = sub.add_parser("show", help="one model in full")
-    show.add_argument("id", help="model id or a unique prefix of it")
-    show.add_argument("--config", action="store_true", help="also print the full training config")
-    show.add_argument("--onnx-out", type=Path, help="write the stored ONNX bytes to this file")
-
-    best = sub.add_parser("best", help="the best model by a metric")
-    best.add_argument("--metric", default="test/acc", help="any recorded metric (default test/acc)")
-    best.add_argument("--min", action="store_true", help="lowest value wins (for losses)")
-    best.add_argument("--dataset")
-    best.add_argument("--model")
-    best.add_argument("--tag")
-    best.add_argument("--id-only", action="store_true", help="print only the id (for scripts)")
-
-    remove = sub.add_parser("remove", help="delete records (files on disk stay)")
-    remove.add_argument("ids", nargs="+")
-
-    comment = sub.add_parser("comment", help="set a model's free-text comment")
-    comment.add_argument("id")
-    comment.add_argument("text")
-
-    tag = sub.add_parser("tag", help="add (or --remove) tags")
-    tag.add_argument("id")
-    tag.add_argument("tags", nargs="+")
-    tag.add_argument("--remove", action="store_true")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    with Registry(args.db) as registry:
-        if args.action == "list":
-            records = registry.list(args.dataset, args.model, args.tag, args.sort, not args.asc)
-            if not records:
-                print(f"no models recorded in {registry.shown_url} (matching these filters); "
-                      "every finished `python train.py` run adds one")
-                return 0
-            _print_table(records[: args.limit], [m for m in args.metrics.split(",") if m])
-        elif args.action == "show":
-            record = registry.get(args.id, with_onnx=True)
-            if args.onnx_out:
-                _write_onnx(record, args.onnx_out)
-            else:
-                _show(record, args.config)
-        elif args.action == "best":
-            record = registry.best(
-                args.metric, "min" if args.min else "max", dataset=args.dataset, model=args.model, tag=args.tag
-            )
-            if args.id_only:
-                print(record.id)
-            else:
-                _print_table([record], [args.metric])
-        elif args.action == "remove":
-            records = [registry.get(i) for i in args.ids]  # all ids must exist before anything is deleted
-            for record in records:
-                registry.remove(record.id)
-                print(f"removed {record.id} ({record.dataset}/{record.model})")
-        elif args.action == "comment":
-            print(f"{registry.set_comment(args.id, args.text).id[:8]}: {args.text}")
-        elif args.action == "tag":
-            record = registry.tag(args.id, remove=args.tags) if args.remove else registry.tag(args.id, add=args.tags)
-            print(f"{record.id[:8]} tags: {', '.join(record.tags) or '-'}")
-    return 0

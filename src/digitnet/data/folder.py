@@ -2,7 +2,7 @@
 
 Images may have any size and mode (L, RGB, RGBA...); transparent drawings use their alpha
 channel as ink, like the seed project's canvases. Each is prepared once by
-`digitnet.predict.prepare_digit` into the uint8 [N,28,28] tensors of the fast path, so every
+`digitnet.data.prepare.prepare_digit` into the uint8 [N,28,28] tensors of the fast path, so every
 augmentation preset and model works unchanged.
 
 The test split is fixed by the folder's files alone, so `digitnet export` and `eval.py` (which
@@ -24,7 +24,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from digitnet.errors import DigitnetError
-from digitnet.predict import IMAGE_SUFFIXES, prepare_digit
+from digitnet.data.prepare import IMAGE_SUFFIXES, prepare_digit
 
 FOLDER = "custom"  # under the dataset root, beside MNIST/ and FashionMNIST/
 TEST_FRACTION = 0.15

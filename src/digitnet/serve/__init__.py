@@ -17,7 +17,7 @@ import uvicorn
 from digitnet.data.folder import FOLDER
 from digitnet.data.idx import data_root
 from digitnet.errors import DigitnetError
-from digitnet.predict import Classifier, classifier_from_onnx
+from digitnet.classifier import Classifier, classifier_from_onnx
 from digitnet.serve.app import create_app
 
 

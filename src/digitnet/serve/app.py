@@ -28,7 +28,9 @@ from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
 from digitnet.errors import DigitnetError
-from digitnet.predict import Classifier, prepare_digit, write_atomically
+from digitnet.atomic import write_atomically
+from digitnet.classifier import Classifier
+from digitnet.data.prepare import prepare_digit
 
 MAX_UPLOAD_BYTES = 2_000_000
 MAX_PIXELS = 2048 * 2048
