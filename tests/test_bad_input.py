@@ -68,7 +68,7 @@ def test_unreadable_or_foreign_checkpoint(tmp_path, content, message):
 
 def test_missing_checkpoint(tmp_path):
     cfg = compose_config(f"ckpt_path={tmp_path / 'nope.ckpt'}", output_dir=tmp_path)
-    with pytest.raises(DigitnetError, match="nope.ckpt does not exist"):
+    with pytest.raises(DigitnetError, match="nope.ckpt not found"):
         train(cfg)
 
 
@@ -83,3 +83,9 @@ def test_unknown_option_lists_the_choices(tmp_path):
     run = run_train("model=vit", run_dir=tmp_path)
     assert run.returncode != 0 and "Traceback" not in run.stderr
     assert "Could not find 'model/vit'" in run.stderr and "convnext" in run.stderr
+
+
+def test_resume_and_fine_tune_at_once_is_refused(tmp_path):
+    cfg = compose_config(f"ckpt_path={tmp_path / 'a.ckpt'}", f"init_from={tmp_path / 'b.ckpt'}", output_dir=tmp_path)
+    with pytest.raises(DigitnetError, match="set either ckpt_path .* or init_from .*, not both"):
+        train(cfg)

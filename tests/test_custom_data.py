@@ -15,7 +15,7 @@ from digitnet.data.datamodule import DigitDataModule
 from digitnet.data.folder import load_folder_split, split_files
 from digitnet.data.idx import load_split
 from digitnet.errors import DigitnetError
-from digitnet.export import load_checkpoint
+from digitnet.checkpoint import load_checkpoint
 from digitnet.train import build_module, init_weights
 from tiny_run import tiny_run
 

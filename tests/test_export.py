@@ -22,7 +22,8 @@ from conftest import compose_config
 from digitnet.data.datamodule import DigitDataModule
 from digitnet.data.idx import load_split
 from digitnet.errors import DigitnetError
-from digitnet.export import OnnxExport, export_checkpoint, export_onnx, load_checkpoint, main
+from digitnet.checkpoint import load_checkpoint
+from digitnet.export import OnnxExport, export_checkpoint, export_onnx, main
 from digitnet.module import DigitClassifier
 from digitnet.train import train
 

@@ -31,7 +31,7 @@ def default_device() -> torch.device:
 
 
 def classifier_from_checkpoint(path: str | Path, device: torch.device | None = None) -> Classifier:
-    from digitnet.export import load_checkpoint  # handles torch.compile'd keys and foreign files
+    from digitnet.checkpoint import load_checkpoint  # handles torch.compile'd keys and foreign files
 
     module = load_checkpoint(path)
     device = device or default_device()

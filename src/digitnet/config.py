@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
 from omegaconf import DictConfig
 
+from digitnet.checkpoint import load_checkpoint_of
 from digitnet.data.idx import DATASETS
 from digitnet.errors import DigitnetError
 from digitnet.models import BACKBONES
@@ -39,27 +37,7 @@ def validate(cfg: DictConfig) -> None:
     max_epochs = cfg.trainer.get("max_epochs")
     _require(max_epochs is None or int(max_epochs) >= 1 or int(max_epochs) == -1,
              f"trainer.max_epochs={max_epochs} must be >= 1 (or -1 for no limit)")
-    if cfg.ckpt_path is not None:
-        check_checkpoint(cfg.ckpt_path, cfg.model.name)
-
-
-def check_checkpoint(path: str, model_name: str | None = None) -> dict:
-    """Load a checkpoint's hyperparameters, checking it is a digitnet checkpoint (of `model_name`)."""
-    file = Path(path)
-    _require(file.is_file(), f"checkpoint {file} does not exist; pass ckpt_path=<run dir>/checkpoints/last.ckpt")
-    try:
-        ckpt = torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as err:  # truncated zip, pickle garbage, a text file...
-        raise DigitnetError(f"{file} is not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
-    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    _require(
-        isinstance(hparams, dict) and "model" in hparams and "state_dict" in ckpt,
-        f"{file} is not a digitnet checkpoint (no digitnet hyperparameters in it)",
-    )
-    trained = hparams["model"].get("name")
-    _require(
-        model_name is None or trained == model_name,
-        f"{file} holds a model={trained} checkpoint but this run builds model={model_name}; "
-        f"add model={trained} to the command",
-    )
-    return hparams
+    _require(cfg.ckpt_path is None or cfg.init_from is None,
+             "set either ckpt_path (resume a run) or init_from (fine-tune from weights), not both")
+    if cfg.ckpt_path is not None:  # Lightning would only read it once training starts
+        load_checkpoint_of(cfg.ckpt_path, cfg.model.name, "ckpt_path")

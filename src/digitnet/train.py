@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
+from digitnet.checkpoint import load_checkpoint_of
 from digitnet.config import validate
 from digitnet.ema import EMA
 from digitnet.errors import DigitnetError
@@ -48,13 +49,7 @@ def build_module(cfg: DictConfig) -> DigitClassifier:
 
 def init_weights(module: DigitClassifier, path: str) -> None:
     """Fine-tuning: start from the weights of a trained checkpoint of the same model."""
-    from digitnet.export import load_checkpoint  # also reads checkpoints of torch.compile'd models
-
-    trained = load_checkpoint(path)
-    have, want = trained.hparams.model.get("name"), module.hparams.model.get("name")
-    if have != want:
-        raise DigitnetError(f"init_from={path} holds a model={have} checkpoint but this run builds model={want}; "
-                            f"add model={have} to the command")
+    trained = load_checkpoint_of(path, module.hparams.model["name"], "init_from")
     try:
         module.net.load_state_dict(trained.net.state_dict())
     except RuntimeError as err:  # other layer sizes or number of classes
@@ -89,8 +84,6 @@ def train(cfg: DictConfig) -> float | list[float]:
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
     if cfg.init_from is not None:
-        if cfg.ckpt_path is not None:
-            raise DigitnetError("set either ckpt_path (resume a run) or init_from (fine-tune from weights), not both")
         init_weights(module, cfg.init_from)
     loggers = _instantiate_all(cfg.get("logger"))
     callbacks = _instantiate_all(cfg.get("callbacks"))
