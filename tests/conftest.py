@@ -54,7 +54,7 @@ def run_train(*overrides: str, run_dir: Path, timeout: float = 600) -> subproces
     """`python train.py` as a user runs it, in its own process."""
     return subprocess.run(
         [sys.executable, str(REPO / "train.py"), *overrides, f"hydra.run.dir={run_dir}",
-         "callbacks.progress_bar=null", "trainer.enable_progress_bar=false"],
+         "trainer.enable_progress_bar=false"],
         capture_output=True, text=True, timeout=timeout, cwd=REPO,
     )
 

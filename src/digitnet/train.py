@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -87,6 +88,8 @@ def train(cfg: DictConfig) -> float | list[float]:
         init_weights(module, cfg.init_from)
     loggers = _instantiate_all(cfg.get("logger"))
     callbacks = _instantiate_all(cfg.get("callbacks"))
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress-bar callback then
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     if cfg.ema_decay is not None:
         callbacks.append(EMA(cfg.ema_decay))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=run_dir)
