@@ -1,4 +1,4 @@
-"""The VGG-style speedrun backbone: parameter count, and its head sized for any number of stages."""
+"""The VGG-style backbone: parameter count, convs per stage, and its head sized for any number of stages."""
 
 from __future__ import annotations
 
@@ -16,3 +16,11 @@ def test_convpool_head_fits_the_number_of_stages():
     two_stages = build_backbone("convpool", widths=[8, 16], num_classes=3)
     assert two_stages[-1].in_features == 16 * 7 * 7
     assert two_stages(torch.rand(2, 1, 28, 28)).shape == (2, 3)
+
+
+def test_convpool_depth_stacks_convs_within_each_stage():
+    net = build_backbone("convpool", widths=[8, 16], depth=2)
+    convs = [m for m in net if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(1, 8), (8, 8), (8, 16), (16, 16)]
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in net) == 2
+    assert net(torch.rand(2, 1, 28, 28)).shape == (2, 10)

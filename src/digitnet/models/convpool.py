@@ -1,4 +1,4 @@
-"""A small VGG-style net for fast training: conv3x3-BN-ReLU then 2x2 max-pool, per stage (28 -> 14 -> 7 -> 3 px).
+"""A small VGG-style net for fast training: `depth` x conv3x3-BN-ReLU then 2x2 max-pool, per stage (28 -> 14 -> 7 -> 3 px).
 
 Pooling after every conv keeps the expensive layers at low resolution, so a training step costs
 a fraction of a ResNet's of the same width (which runs whole blocks at 28x28); see the speedrun recipe.
@@ -13,12 +13,15 @@ from digitnet.models import register
 
 @register("convpool")
 class ConvPoolNet(nn.Sequential):
-    def __init__(self, num_classes: int = 10, widths: Sequence[int] = (16, 32, 64), dropout: float = 0.0):
+    def __init__(self, num_classes: int = 10, widths: Sequence[int] = (16, 32, 64), depth: int = 1,
+                 dropout: float = 0.0):
         layers: list[nn.Module] = []
         cin, size = 1, 28
         for width in widths:
-            layers += [nn.Conv2d(cin, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-                       nn.MaxPool2d(2)]
-            cin, size = width, size // 2
+            for _ in range(depth):
+                layers += [nn.Conv2d(cin, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+                cin = width
+            layers.append(nn.MaxPool2d(2))
+            size //= 2
         layers += [nn.Flatten(), nn.Dropout(dropout), nn.Linear(cin * size * size, num_classes)]
         super().__init__(*layers)
