@@ -15,7 +15,7 @@ from digitnet.data.augment import BatchAugment, affine_theta, _random_affine_the
 from digitnet.errors import DigitnetError
 
 AUG_DIR = Path(__file__).resolve().parents[1] / "conf" / "aug"
-PRESETS = ["none", "light", "strong", "camera"]
+PRESETS = ["none", "light", "strong", "camera", "fashion"]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (
     ["mps"] if torch.backends.mps.is_available() else []
 )
@@ -78,7 +78,7 @@ def test_preset_same_seed_same_output(preset: str) -> None:
     assert torch.equal(run_seeded(aug, x, 7), run_seeded(aug, x, 7))
 
 
-@pytest.mark.parametrize("preset", ["light", "strong", "camera"])
+@pytest.mark.parametrize("preset", ["light", "strong", "camera", "fashion"])
 def test_preset_different_seed_different_output(preset: str) -> None:
     aug, x = load_preset(preset), digit_like(32)
     assert not torch.equal(run_seeded(aug, x, 1), run_seeded(aug, x, 2))
@@ -192,6 +192,15 @@ def test_camera_inverts_about_half_the_batch() -> None:
 def test_invert_alone_is_exact() -> None:
     x = digit_like(8)
     torch.testing.assert_close(BatchAugment(invert_p=1.0)(x), 1 - x)
+
+
+def test_hflip_mirrors_about_half_the_batch_exactly() -> None:
+    x = digit_like(512)
+    out = run_seeded(BatchAugment(hflip_p=0.5), x, 0)
+    mirrored = (out == x.flip(-1)).flatten(1).all(1)
+    untouched = (out == x).flatten(1).all(1)
+    assert (mirrored | untouched).all()
+    assert 0.42 < mirrored.float().mean() < 0.58
 
 
 def test_resize_aliasing_hardens_strokes() -> None:

@@ -198,6 +198,11 @@ def _random_blur(
     return torch.where(_bernoulli(b, p, x, gen)[:, None, None, None], blurred, x)
 
 
+def _random_hflip(x: Tensor, gen: torch.Generator | None, *, p: float) -> Tensor:
+    """With probability ``p`` per sample, mirror left-right (clothes yes, digits no)."""
+    return torch.where(_bernoulli(x.shape[0], p, x, gen)[:, None, None, None], x.flip(-1), x)
+
+
 def _random_invert(x: Tensor, gen: torch.Generator | None, *, p: float) -> Tensor:
     """With probability ``p`` per sample, swap polarity (light-on-dark <-> ink on paper)."""
     return torch.where(_bernoulli(x.shape[0], p, x, gen)[:, None, None, None], 1.0 - x, x)
@@ -267,7 +272,7 @@ def _pair(name: str, value: object, low: float, high: float) -> tuple[float, flo
 class BatchAugment(nn.Module):
     """Random augmentation of a float batch ``[B, C, H, W]`` in ``[0, 1]`` -> same shape, dtype,
     device, clamped to ``[0, 1]``. Every op is off by default (0 or None), so ``BatchAugment()``
-    is the identity. Ops run in camera-pipeline order: warp (affine + elastic), random erasing,
+    is the identity. Ops run in camera-pipeline order: horizontal flip, warp (affine + elastic), random erasing,
     resize aliasing, blur, polarity inversion, contrast/brightness, sensor noise.
 
     Geometry has torchvision ``RandomAffine`` semantics: rotation U(-degrees, degrees),
@@ -276,6 +281,7 @@ class BatchAugment(nn.Module):
 
     def __init__(
         self,
+        hflip_p: float = 0.0,
         degrees: float = 0.0,
         translate: float | Sequence[float] = 0.0,
         scale: Sequence[float] | None = None,
@@ -297,6 +303,7 @@ class BatchAugment(nn.Module):
     ) -> None:
         super().__init__()
         self.generator = generator
+        hflip_p = _number("hflip_p", hflip_p, 0.0, 1.0)
         degrees = _number("degrees", degrees, 0.0, 180.0)
         translate = _pair("translate", translate, 0.0, 1.0)
         scale = (1.0, 1.0) if scale is None else _range("scale", scale, 1e-3)
@@ -316,6 +323,8 @@ class BatchAugment(nn.Module):
         noise_std = _number("noise_std", noise_std, 0.0, 1.0)
 
         ops: list[tuple[str, Op]] = []
+        if hflip_p > 0:
+            ops.append(("hflip", partial(_random_hflip, p=hflip_p)))
         if degrees > 0 or translate != (0.0, 0.0) or scale != (1.0, 1.0) or elastic_alpha > 0:
             ops.append(("warp", partial(
                 _warp, degrees=degrees, translate=translate, scale=scale,
