@@ -51,6 +51,20 @@ def test_checkpoint_of_another_model(real_data, tmp_path):
         train(cfg)
 
 
+def test_resume_with_a_longer_schedule_says_to_fine_tune_instead(tiny_mnist, tmp_path, monkeypatch):
+    monkeypatch.setenv("DIGITNET_DATA", str(tiny_mnist))
+    short = ("model=mlp", "data.val_size=50", "trainer.max_epochs=1", "test=false", "logger=none",
+             "callbacks.onnx_export=null")
+    assert run_train(*short, run_dir=tmp_path / "short").returncode == 0
+    ckpt = tmp_path / "short" / "checkpoints" / "last.ckpt"
+    run = run_train(*short, "trainer.max_epochs=3", f"ckpt_path={ckpt}", run_dir=tmp_path / "longer")
+    assert run.returncode == 2, run.stderr
+    assert "LR schedule was planned for 2 steps but this run plans 6" in run.stderr
+    assert "init_from=<checkpoint>" in run.stderr and "Traceback" not in run.stderr
+    fine_tune = run_train(*short, "trainer.max_epochs=3", f"init_from={ckpt}", run_dir=tmp_path / "tuned")
+    assert fine_tune.returncode == 0, fine_tune.stderr
+
+
 @pytest.mark.parametrize("content, message", [
     (b"not a checkpoint", "is not a readable PyTorch checkpoint"),
     (None, "is not a digitnet checkpoint"),  # a real torch file without digitnet hyperparameters

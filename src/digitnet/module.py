@@ -56,6 +56,7 @@ class DigitClassifier(L.LightningModule):
         self.val_acc_best = MaxMetric()
         self.val_confusion = MulticlassConfusionMatrix(num_classes)
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
+        self._checkpoint_plan: int | None = None  # planned optimizer steps of a checkpoint resumed from
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -91,6 +92,21 @@ class DigitClassifier(L.LightningModule):
 
     def on_train_start(self):
         self.val_acc_best.reset()  # forget the sanity-check validation
+        planned = int(self.trainer.estimated_stepping_batches)
+        if self._checkpoint_plan not in (None, planned) and self.hparams.sched.get("name", "none") != "none":
+            # the restored LR schedule keeps its old length: OneCycle would fail when it runs out, cosine restart
+            raise DigitnetError(
+                f"the checkpoint's {self.hparams.sched['name']} LR schedule was planned for {self._checkpoint_plan} "
+                f"steps but this run plans {planned} (trainer.max_epochs, data.batch_size or limit_train_batches "
+                "changed). Resume with the original settings, or start a new schedule from these weights with "
+                "init_from=<checkpoint> instead of ckpt_path"
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["planned_steps"] = int(self.trainer.estimated_stepping_batches)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._checkpoint_plan = checkpoint.get("planned_steps")
 
     def validation_step(self, batch, batch_idx: int):
         loss, preds, y = self._step(batch)
