@@ -1,4 +1,4 @@
-"""Training options of the recipes: EMA of the weights, MixUp/CutMix, channels_last, torch.compile."""
+"""Training options of the recipes: EMA of the weights, MixUp/CutMix, channels_last, torch.compile, bf16."""
 
 from __future__ import annotations
 
@@ -87,3 +87,17 @@ def test_bad_option_values_are_refused(tmp_path, override):
     cfg = compose_config(override, output_dir=tmp_path)
     with pytest.raises(DigitnetError, match=override.split("=")[0]):
         train(cfg)
+
+
+def test_bf16_autocast_run_checkpoints_and_exports_float32(tiny_mnist, monkeypatch, tmp_path):
+    """The recipes train with trainer.precision=bf16-mixed; the weights and the ONNX model stay float32."""
+    monkeypatch.setenv("DIGITNET_DATA", str(tiny_mnist))
+    quiet = [o for o in QUIET if not o.startswith("callbacks.onnx_export")]
+    cfg = compose_config("model=convpool", "trainer.precision=bf16-mixed", "channels_last=true", "data.val_size=50",
+                         "trainer.max_epochs=1", *quiet, output_dir=tmp_path)
+    train(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    weights = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}
+    assert metrics["onnx/test_images"] == 50 and metrics["onnx/max_abs_diff"] < 1e-5
+    assert metrics["onnx/test_acc"] == metrics["onnx/torch_test_acc"]
