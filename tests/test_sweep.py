@@ -178,7 +178,8 @@ def wait_for_trial_dir(cwd: Path, number: int, process: subprocess.Popen) -> Non
     raise AssertionError(f"trial {number} never started")
 
 
-SLOW = [*SPACE, "epochs=4", "seconds_per_epoch=0.25", "hydra.sweeper.n_trials=5",
+# a trial lasts 3 s, so the signal lands inside trial 1 even when a loaded machine delays this process
+SLOW = [*SPACE, "epochs=4", "seconds_per_epoch=0.75", "hydra.sweeper.n_trials=5",
         "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=2"]
 
 
