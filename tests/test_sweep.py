@@ -39,9 +39,11 @@ def sweep(cwd: Path, *args: str, study: str = "demo", status: int = 0) -> str:
 
 
 def start(cwd: Path, *args: str, study: str = "demo") -> subprocess.Popen:
+    # SIGINT back to its default, so the worker gets Ctrl-C as KeyboardInterrupt even when the tests
+    # themselves run in the background (nohup, `&`), where it is inherited as ignored
     return subprocess.Popen(
         command(*args, study=study), cwd=cwd, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
+        stderr=subprocess.STDOUT, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
@@ -178,8 +180,7 @@ def wait_for_trial_dir(cwd: Path, number: int, process: subprocess.Popen) -> Non
     raise AssertionError(f"trial {number} never started")
 
 
-# a trial lasts 3 s, so the signal lands inside trial 1 even when a loaded machine delays this process
-SLOW = [*SPACE, "epochs=4", "seconds_per_epoch=0.75", "hydra.sweeper.n_trials=5",
+SLOW = [*SPACE, "epochs=4", "seconds_per_epoch=0.25", "hydra.sweeper.n_trials=5",
         "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=2"]
 
 
