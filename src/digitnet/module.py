@@ -94,7 +94,7 @@ class DigitClassifier(L.LightningModule):
         self.val_acc_best.reset()  # forget the sanity-check validation
         planned = int(self.trainer.estimated_stepping_batches)
         if self._checkpoint_plan not in (None, planned) and self.hparams.sched.get("name", "none") != "none":
-            # the restored LR schedule keeps its old length: OneCycle would fail when it runs out, cosine restart
+            # the restored LR schedule keeps its old length: OneCycle would fail when it runs out, cosine would rise again
             raise DigitnetError(
                 f"the checkpoint's {self.hparams.sched['name']} LR schedule was planned for {self._checkpoint_plan} "
                 f"steps but this run plans {planned} (trainer.max_epochs, data.batch_size or limit_train_batches "
