@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from digitnet.errors import DigitnetError
 from digitnet.models import build_backbone
 
 
@@ -24,3 +26,19 @@ def test_convpool_depth_stacks_convs_within_each_stage():
     assert [(c.in_channels, c.out_channels) for c in convs] == [(1, 8), (8, 8), (8, 16), (16, 16)]
     assert sum(isinstance(m, torch.nn.MaxPool2d) for m in net) == 2
     assert net(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_convpool_space_to_depth_folds_pixels_into_channels():
+    net = build_backbone("convpool", widths=[8, 16, 32], space_to_depth=2)
+    first_conv = next(m for m in net if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.in_channels == 4
+    # 28 -> 14 px by the fold, then three poolings: 7, 3, 1
+    assert net[-1].in_features == 32 * 1 * 1
+    assert net(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("settings", [{"widths": [8, 16, 32, 64], "space_to_depth": 2}, {"widths": [8] * 5},
+                                      {"widths": [8], "space_to_depth": 3}])
+def test_convpool_refuses_more_stages_than_pixels(settings):
+    with pytest.raises(DigitnetError, match="model.widths"):
+        build_backbone("convpool", **settings)
