@@ -209,6 +209,15 @@ def _module_with_backbone(backbone: nn.Module) -> DigitClassifier:
     return module
 
 
+@pytest.mark.parametrize("dynamic_batch", [False, True])
+def test_space_to_depth_convpool_exports_within_the_contract(real_data, tmp_path, dynamic_batch):
+    """The speedrun's pixel fold (PixelUnshuffle) becomes Reshape/Transpose, verified against PyTorch."""
+    module = DigitClassifier(model={"name": "convpool", "widths": [8, 16, 32], "space_to_depth": 2}).eval()
+    report = export_onnx(module, tmp_path / "s2d.onnx", dynamic_batch=dynamic_batch, test_images=300)
+    ops = {node.op_type for node in onnx.load(tmp_path / "s2d.onnx").graph.node}
+    assert {"Reshape", "Transpose"} <= ops and report.max_abs_diff <= 1e-5 and report.test_images == 300
+
+
 def test_model_whose_output_is_not_1x10_is_a_clear_error(tmp_path):
     module = _module_with_backbone(nn.Sequential(nn.Flatten(), nn.Linear(784, 7)))
     with pytest.raises(DigitnetError, match=r"outputs \[1, 7\].*needs \[1, 10\]"):
