@@ -37,8 +37,11 @@ def test_convpool_space_to_depth_folds_pixels_into_channels():
     assert net(torch.rand(2, 1, 28, 28)).shape == (2, 10)
 
 
-@pytest.mark.parametrize("settings", [{"widths": [8, 16, 32, 64], "space_to_depth": 2}, {"widths": [8] * 5},
-                                      {"widths": [8], "space_to_depth": 3}])
-def test_convpool_refuses_more_stages_than_pixels(settings):
-    with pytest.raises(DigitnetError, match="model.widths"):
+@pytest.mark.parametrize("settings, message", [
+    ({"widths": [8, 16, 32, 64], "space_to_depth": 2}, "4 stages"),
+    ({"widths": [8] * 5}, "5 stages"),
+    ({"widths": [8], "space_to_depth": 3}, "must divide"),
+])
+def test_convpool_refuses_settings_that_do_not_fit_the_image(settings, message):
+    with pytest.raises(DigitnetError, match=message):
         build_backbone("convpool", **settings)
