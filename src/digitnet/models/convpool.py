@@ -20,13 +20,14 @@ class ConvPoolNet(nn.Sequential):
                  dropout: float = 0.0, space_to_depth: int = 1):
         if space_to_depth < 1 or 28 % space_to_depth:
             raise DigitnetError(f"model.space_to_depth={space_to_depth} must divide the 28-px image: 1, 2, 4, 7, 14 or 28")
-        if (28 // space_to_depth) >> len(widths) < 1:
+        size = 28 // space_to_depth
+        if size >> len(widths) < 1:
             raise DigitnetError(
                 f"model=convpool: {len(widths)} stages (model.widths) leave no pixels: each stage halves the "
-                f"{28 // space_to_depth}-px image (28 px / space_to_depth); use fewer widths or a smaller space_to_depth"
+                f"{size}-px image (28 px / space_to_depth); use fewer widths or a smaller space_to_depth"
             )
         layers: list[nn.Module] = [nn.PixelUnshuffle(space_to_depth)] if space_to_depth > 1 else []
-        cin, size = space_to_depth**2, 28 // space_to_depth
+        cin = space_to_depth**2
         for width in widths:
             for _ in range(depth):
                 layers += [nn.Conv2d(cin, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
