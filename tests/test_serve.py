@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import socket
@@ -9,6 +10,7 @@ import struct
 import subprocess
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 from dataclasses import dataclass
@@ -226,6 +228,24 @@ def _post(url: str, body: bytes, content_type: str = "image/png") -> tuple[int, 
         return err.code, json.loads(err.read())
 
 
+def _post_declaring(url: str, length: int) -> tuple[int, dict]:
+    """A POST whose headers declare `length` bytes and that waits for the answer before sending any.
+
+    The server refuses an oversized declaration without reading the body; a client still writing
+    a real body then can have its connection reset before it reads the 413."""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        connection.putrequest("POST", parts.path)
+        connection.putheader("Content-Type", "image/png")
+        connection.putheader("Content-Length", str(length))
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
 def _canvas_png(digit: np.ndarray, size: int = 280) -> bytes:
     """An MNIST digit as the page sends it: a transparent canvas whose alpha channel is the ink."""
     alpha = np.asarray(Image.fromarray(digit).resize((size, size), Image.Resampling.BILINEAR))
@@ -262,7 +282,6 @@ def test_bad_uploads_get_4xx_with_a_message_and_write_nothing(server, mnist_test
         ("api/predict", b"", 400, "empty upload"),
         ("api/predict", b"not an image at all", 400, "not a readable image"),
         ("api/predict", digit[: len(digit) // 2], 400, "not a readable image"),  # truncated PNG
-        ("api/predict", b"\0" * 2_000_001, 413, "larger than 2000000 bytes"),
         ("api/predict", _png(Image.new("L", (3000, 3000))), 413, "3000x3000"),
         ("api/predict", _png_claiming(50_000, 50_000), 413, "far too many pixels"),
         ("api/predict", _png(Image.new("RGBA", (280, 280))), 422, "no digit found"),  # a blank canvas
@@ -275,6 +294,8 @@ def test_bad_uploads_get_4xx_with_a_message_and_write_nothing(server, mnist_test
     for path, body, status, message in cases:
         code, answer = _post(server.url + path, body)
         assert (code, message in answer["error"]) == (status, True), (path, code, answer)
+    code, answer = _post_declaring(server.url + "api/predict", 2_000_001)
+    assert (code, "larger than 2000000 bytes" in answer["error"]) == (413, True), answer
     assert _tree(server.dataset_dir) == before
 
 
