@@ -210,9 +210,11 @@ def _module_with_backbone(backbone: nn.Module) -> DigitClassifier:
 
 
 @pytest.mark.parametrize("dynamic_batch", [False, True])
-def test_space_to_depth_convpool_exports_within_the_contract(real_data, tmp_path, dynamic_batch):
-    """The speedrun's pixel fold (PixelUnshuffle) becomes Reshape/Transpose, verified against PyTorch."""
-    module = DigitClassifier(model={"name": "convpool", "widths": [8, 16, 32], "space_to_depth": 2}).eval()
+def test_speedrun_convpool_exports_within_the_contract(real_data, tmp_path, dynamic_batch):
+    """The speedrun's net (pixel fold, pooling before the norms, global max-pool) within the contract;
+    the fold (PixelUnshuffle) becomes Reshape/Transpose. Verified against PyTorch."""
+    model = {"name": "convpool", "widths": [8, 16, 32], "space_to_depth": 2, "pool_before_norm": True, "global_pool": True}
+    module = DigitClassifier(model=model).eval()
     report = export_onnx(module, tmp_path / "s2d.onnx", dynamic_batch=dynamic_batch, test_images=300)
     ops = {node.op_type for node in onnx.load(tmp_path / "s2d.onnx").graph.node}
     assert {"Reshape", "Transpose"} <= ops and report.max_abs_diff <= 1e-5 and report.test_images == 300
