@@ -1,0 +1,27 @@
+"""The benchmark scripts run end to end (tiny settings: what they print, not how fast anything is)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_recipe_seconds_interleaves_the_recipe_and_a_variant_and_summarises_both(real_data):
+    tiny = ["--override", "trainer.limit_train_batches=2", "--override", "trainer.limit_val_batches=1",
+            "--override", "trainer.limit_test_batches=1"]
+    done = subprocess.run(
+        [sys.executable, "benchmarks/recipe_seconds.py", "--recipe", "speedrun_mnist", "--seeds", "3", "--repeats", "2",
+         "--variant", '"model.widths=[8,16,32]"', *tiny],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = [line.split(":")[0] for line in done.stdout.splitlines() if line.startswith("round")]
+    assert runs == ["round 1 seed 3 speedrun_mnist", 'round 1 seed 3 "model.widths=[8,16,32]"',
+                    "round 2 seed 3 speedrun_mnist", 'round 2 seed 3 "model.widths=[8,16,32]"']
+    summary = done.stdout.split("median s")[1].splitlines()[1:]
+    assert summary[0].split()[2] == "1.00"  # the recipe against itself
+    name, _median, _ratio, *seconds = summary[1].split(";")[0].split()
+    assert name == '"model.widths=[8,16,32]"' and len(seconds) == 2  # one run per round
