@@ -59,12 +59,12 @@ def main() -> None:
                           f"test/acc {metrics['test/acc']:.4f}", flush=True)
 
     base = statistics.median(seconds[args.recipe])
-    print(f"\n{'variant':60s} median s  ratio  all train_seconds; test/acc per seed")
+    print("\nmedian s  ratio  test/acc per seed  variant: all train_seconds")
     for name in variants:
         median = statistics.median(seconds[name])
         runs = " ".join(f"{s:.1f}" for s in seconds[name])
         accs = " / ".join(f"{accuracy[name, seed]:.2%}" for seed in args.seeds)
-        print(f"{name:60s} {median:8.1f}  {median / base:5.2f}  {runs}; {accs}")
+        print(f"{median:8.1f}  {median / base:5.2f}  {accs:17s}  {name}: {runs}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ def test_recipe_seconds_interleaves_the_recipe_and_a_variant_and_summarises_both
     assert runs == ["round 1 seed 3 speedrun_mnist", 'round 1 seed 3 "model.widths=[8,16,32]"',
                     "round 2 seed 3 speedrun_mnist", 'round 2 seed 3 "model.widths=[8,16,32]"']
     summary = done.stdout.split("median s")[1].splitlines()[1:]
-    assert summary[0].split()[2] == "1.00"  # the recipe against itself
-    name, _median, _ratio, *seconds = summary[1].split(";")[0].split()
-    assert name == '"model.widths=[8,16,32]"' and len(seconds) == 2  # one run per round
+    assert summary[0].split()[1] == "1.00"  # the recipe against itself
+    fields, seconds = summary[1].rsplit(": ", 1)
+    _median, _ratio, accuracy, name = fields.split(maxsplit=3)
+    assert name == '"model.widths=[8,16,32]"' and accuracy.endswith("%")
+    assert len(seconds.split()) == 2  # one run per round
