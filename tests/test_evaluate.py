@@ -100,6 +100,26 @@ def test_robustness_table_degrades_sensibly(report):
     assert "| inversion | 0 = original, 1 = inverted | 0: " in (out / "report.md").read_text()
 
 
+def test_mirror_tta_is_reported_beside_the_plain_accuracy(trained, report, tmp_path):
+    from digitnet.classifier import load_classifier
+    from digitnet.data.idx import load_split
+
+    _, acc, plain = report
+    assert "test/acc_tta_hflip" not in plain  # off unless asked for
+    out = tmp_path / "tta"
+    returned = evaluate(eval_config(f"ckpt_path='{trained.checkpoint}'", f"data.limit={LIMIT}", "tta_hflip=true",
+                                    output_dir=out))
+    summary = json.loads((out / "eval_metrics.json").read_text())
+    assert returned == summary["test/acc"] == acc  # test/acc stays the plain accuracy
+    images, labels = load_split("mnist", "test")
+    x = images[:LIMIT, None].float() / 255
+    probabilities = load_classifier(str(trained.checkpoint)).probabilities
+    by_hand = ((probabilities(x) + probabilities(x.flip(-1))).argmax(1) == labels[:LIMIT]).float().mean().item()
+    assert summary["test/acc_tta_hflip"] == pytest.approx(by_hand)
+    assert by_hand != acc  # the mirror was really used (mirrored digits change some predictions)
+    assert f"| accuracy, mean of the image's and its mirror's probabilities | {by_hand:.4f} |" in (out / "report.md").read_text()
+
+
 def test_tensorboard_has_the_confusion_matrix(report):
     out, acc, _ = report
     (events,) = out.glob("events.out.tfevents.*")

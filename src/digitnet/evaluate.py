@@ -163,6 +163,8 @@ def render_report(classifier: Classifier, ev: Evaluation, table: dict, top_pairs
     overall = [["accuracy", f"{m['test/acc']:.4f}"], ["loss (NLL)", f"{m['test/loss']:.4f}"],
                ["precision (macro)", f"{m['test/precision_macro']:.4f}"], ["recall (macro)", f"{m['test/recall_macro']:.4f}"],
                ["F1 (macro)", f"{m['test/f1_macro']:.4f}"], ["expected calibration error", f"{m['test/ece']:.4f}"]]
+    if "test/acc_tta_hflip" in m:
+        overall.append(["accuracy, mean of the image's and its mirror's probabilities", f"{m['test/acc_tta_hflip']:.4f}"])
     per_class = [[name, *(f"{ev.per_class[k][i]:.4f}" for k in ("precision", "recall", "f1")), ev.per_class["support"][i]]
                  for i, name in enumerate(ev.class_names)]
     pairs = [[t, p, n] for t, p, n in ev.confused_pairs(top_pairs)]
@@ -203,6 +205,9 @@ def evaluate(cfg: DictConfig) -> float:
     images, labels = images[: cfg.data.limit], labels[: cfg.data.limit]
     x = images[:, None].float() / 255  # the training input convention
     ev = Evaluation(list(classifier.class_names), classifier.probabilities(x), labels, n_bins=cfg.calibration_bins)
+    if cfg.tta_hflip:  # test-time augmentation: a metric of its own beside test/acc, never in its place
+        mirrored = classifier.probabilities(x.flip(-1))
+        ev.metrics["test/acc_tta_hflip"] = ((ev.probs + mirrored).argmax(1) == labels).float().mean().item()
     strengths = OmegaConf.to_container(cfg.robustness, resolve=True)
     table = robustness_table(classifier.probabilities, x, labels, strengths, seed=cfg.seed)
 
