@@ -203,6 +203,27 @@ def test_hflip_mirrors_about_half_the_batch_exactly() -> None:
     assert 0.42 < mirrored.float().mean() < 0.58
 
 
+def shifted(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """``x`` moved dx px right and dy px down, zero-filled."""
+    padded = F.pad(x, (3, 3, 3, 3))
+    h, w = x.shape[-2:]
+    return padded[..., 3 - dy : 3 - dy + h, 3 - dx : 3 - dx + w]
+
+
+def test_whole_pixel_translation_moves_images_exactly() -> None:
+    x = digit_like(64)
+    out = run_seeded(BatchAugment(translate=0.1, translate_whole_px=True), x, 0)  # up to 2.8 px: -3..3
+    moves = {(dx, dy): shifted(x, dx, dy) for dx in range(-3, 4) for dy in range(-3, 4)}
+    found = []
+    for i in range(len(x)):
+        hits = [m for m, moved in moves.items() if torch.allclose(out[i], moved[i], atol=1e-5)]
+        assert hits, f"image {i} is not an exact whole-pixel shift of its input"
+        found.append(hits[0])
+    assert len(set(found)) > 10, "shifts vary across the batch"
+    blurred = run_seeded(BatchAugment(translate=0.1), x, 0)
+    assert not torch.allclose(blurred, out, atol=1e-3), "without it the shifts are fractional"
+
+
 def test_resize_aliasing_hardens_strokes() -> None:
     x = digit_like(16)
     out = BatchAugment(alias_p=1.0, alias_factor=(4.0, 4.0))(x)
@@ -252,6 +273,7 @@ def test_explicit_generator_ignores_the_global_seed() -> None:
         ({"noise_std": -0.01}, "noise_std"),
         ({"alias_factor": [0.5, 2.0]}, "alias_factor"),
         ({"contrast": True}, "number"),
+        ({"translate_whole_px": "yes"}, "true or false"),
     ],
 )
 def test_impossible_values_raise_a_clear_error(overrides: dict, message: str) -> None:

@@ -70,14 +70,17 @@ def _random_affine_theta(
     translate: tuple[float, float],
     scale: tuple[float, float],
     gen: torch.Generator | None,
+    whole_px: bool = False,
 ) -> Tensor:
-    """Per-sample random rotation/shift/zoom matrices, sampled like torchvision's RandomAffine."""
+    """Per-sample random rotation/shift/zoom matrices, sampled like torchvision's RandomAffine.
+    ``whole_px`` rounds the shifts to whole pixels."""
     b, _, h, w = x.shape
     angle = _uniform(b, -degrees, degrees, x, gen)
     shift_x = _uniform(b, -translate[0] * w, translate[0] * w, x, gen)
     shift_y = _uniform(b, -translate[1] * h, translate[1] * h, x, gen)
+    shift = torch.stack([shift_x, shift_y], dim=1)
     zoom = _uniform(b, scale[0], scale[1], x, gen)
-    return affine_theta(angle, torch.stack([shift_x, shift_y], dim=1), zoom, (h, w))
+    return affine_theta(angle, shift.round() if whole_px else shift, zoom, (h, w))
 
 
 def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
@@ -122,12 +125,13 @@ def _warp(
     *,
     degrees: float,
     translate: tuple[float, float],
+    translate_whole_px: bool,
     scale: tuple[float, float],
     elastic_alpha: float,
     elastic_sigma: float,
 ) -> Tensor:
     """Random affine and/or elastic warp in a single ``grid_sample`` (zero fill, bilinear)."""
-    theta = _random_affine_theta(x, degrees, translate, scale, gen)
+    theta = _random_affine_theta(x, degrees, translate, scale, gen, translate_whole_px)
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     if elastic_alpha > 0:
         grid = grid + _elastic_displacement(x, elastic_alpha, elastic_sigma, gen).to(x.dtype)
@@ -277,6 +281,8 @@ class BatchAugment(nn.Module):
 
     Geometry has torchvision ``RandomAffine`` semantics: rotation U(-degrees, degrees),
     shift U(-translate*size, translate*size) pixels per axis, zoom U(scale) (> 1 enlarges).
+    ``translate_whole_px`` rounds each shift to whole pixels: without rotation, zoom and elastic
+    warp the image then moves exactly (like a padded random crop), with no bilinear blur.
     """
 
     def __init__(
@@ -284,6 +290,7 @@ class BatchAugment(nn.Module):
         hflip_p: float = 0.0,
         degrees: float = 0.0,
         translate: float | Sequence[float] = 0.0,
+        translate_whole_px: bool = False,
         scale: Sequence[float] | None = None,
         elastic_alpha: float = 0.0,
         elastic_sigma: float = 4.0,
@@ -306,6 +313,8 @@ class BatchAugment(nn.Module):
         hflip_p = _number("hflip_p", hflip_p, 0.0, 1.0)
         degrees = _number("degrees", degrees, 0.0, 180.0)
         translate = _pair("translate", translate, 0.0, 1.0)
+        if not isinstance(translate_whole_px, bool):
+            raise DigitnetError(f"aug.translate_whole_px={translate_whole_px!r} must be true or false")
         scale = (1.0, 1.0) if scale is None else _range("scale", scale, 1e-3)
         elastic_alpha = _number("elastic_alpha", elastic_alpha, 0.0)
         elastic_sigma = _number("elastic_sigma", elastic_sigma, 0.1, 9.0)
@@ -327,7 +336,7 @@ class BatchAugment(nn.Module):
             ops.append(("hflip", partial(_random_hflip, p=hflip_p)))
         if degrees > 0 or translate != (0.0, 0.0) or scale != (1.0, 1.0) or elastic_alpha > 0:
             ops.append(("warp", partial(
-                _warp, degrees=degrees, translate=translate, scale=scale,
+                _warp, degrees=degrees, translate=translate, translate_whole_px=translate_whole_px, scale=scale,
                 elastic_alpha=elastic_alpha, elastic_sigma=elastic_sigma,
             )))
         if erase_p > 0:
