@@ -15,6 +15,10 @@ from digitnet.train import train
     ("optim.lr=-0.1", "optim.lr=-0.1 must be positive"),
     ("label_smoothing=1.5", "label_smoothing=1.5 must be in [0, 1)"),
     ("trainer.max_epochs=0", "trainer.max_epochs=0 must be >= 1"),
+    ("data.batch_size=abc", "data.batch_size=abc must be an integer"),  # a typo, not a deep ValueError
+    ("optim.lr=3e-3x", "optim.lr=3e-3x must be a number"),
+    ("trainer.max_epochs=1.5", "trainer.max_epochs=1.5 must be an integer"),
+    ("ema_decay=true", "ema_decay=True must be a number"),
     ("aug=light", None),  # control: a valid config passes validation and trains
 ])
 def test_impossible_values_are_refused_before_training(real_data, tmp_path, override, message):

@@ -162,6 +162,9 @@ def test_eval_by_registry_id_and_best(trained, tmp_path):
     ("ckpt_path=deadbeef", "no model with id 'deadbeef'"),
     ("+robustness.fog=[1]", r"unknown robustness corruption\(s\) \['fog'\]"),
     ("robustness.rotation=[400]", r"robustness.rotation strengths \[400\] are outside"),
+    ("tta_hflip=yes", "tta_hflip=yes must be true or false"),
+    ("data.limit=0", r"data.limit=0 must be a positive integer or null"),
+    ("calibration_bins=ten", "calibration_bins=ten must be an integer"),
 ])
 def test_bad_settings_are_clear_errors_and_write_no_report(trained, tmp_path, override, message):
     overrides = [f"ckpt_path='{trained.checkpoint}'", f"registry.url={trained.registry_url}", "data.limit=100", override]

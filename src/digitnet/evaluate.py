@@ -29,6 +29,7 @@ from digitnet.data.idx import load_split
 from digitnet.errors import DigitnetError
 from digitnet.atomic import write_atomically
 from digitnet.classifier import Classifier, load_classifier
+from digitnet.config import validate_eval
 from digitnet.robustness import CORRUPTIONS, robustness_table
 
 matplotlib.use("Agg")  # figures are files; no display needed
@@ -199,6 +200,7 @@ def evaluate(cfg: DictConfig) -> float:
     """Evaluate `cfg.ckpt_path` (checkpoint, ONNX file, registry id or best) and write the report; returns test/acc."""
     if cfg.ckpt_path is None:
         raise DigitnetError("say which model to evaluate: ckpt_path=<.ckpt or .onnx file | registry id | best>")
+    validate_eval(cfg)
     run_dir = Path(cfg.paths.output_dir)
     classifier = load_classifier(str(cfg.ckpt_path), cfg.registry.url, metric=cfg.best_metric)
     images, labels = load_split(classifier.data_name, "test", root=cfg.data.root)
