@@ -169,6 +169,15 @@ def test_erasing_zeroes_one_rectangle_of_the_requested_size() -> None:
         assert 0.03 <= box.numel() / image.numel() <= 0.23  # scale range, up to rounding
 
 
+def test_erasing_with_random_values_fills_the_rectangle_with_uniform_noise() -> None:
+    x = torch.ones(200, 1, 28, 28)  # U(0, 1) noise is below 1 almost surely
+    out = run_seeded(BatchAugment(erase_p=1.0, erase_value="random"), x, 0)
+    noise = out[out != 1.0]
+    assert (out != 1.0).flatten(1).any(dim=1).all(), "every image has an erased rectangle"
+    assert 0.0 <= noise.min() and noise.max() <= 1.0
+    assert 0.45 < noise.mean() < 0.55 and noise.std() > 0.25  # U(0, 1), not one fill value
+
+
 def test_erasing_probability_and_strong_preset() -> None:
     x = torch.ones(400, 1, 28, 28)
     erased = run_seeded(BatchAugment(erase_p=0.5), x, 0).amin(dim=(1, 2, 3)) == 0
@@ -274,6 +283,7 @@ def test_explicit_generator_ignores_the_global_seed() -> None:
         ({"alias_factor": [0.5, 2.0]}, "alias_factor"),
         ({"contrast": True}, "number"),
         ({"translate_whole_px": "yes"}, "true or false"),
+        ({"erase_value": "noise"}, "number in [0, 1] or random"),
     ],
 )
 def test_impossible_values_raise_a_clear_error(overrides: dict, message: str) -> None:

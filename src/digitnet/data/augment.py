@@ -148,12 +148,13 @@ def _random_erase(
     p: float,
     scale: tuple[float, float],
     ratio: tuple[float, float],
-    value: float,
+    value: float | str,
 ) -> Tensor:
     """torchvision-RandomErasing-like: with probability ``p`` fill one rectangle with ``value``.
 
     Area is U(scale) of the image, log aspect ratio U(log ratio); instead of torchvision's
-    rejection loop, sides that do not fit are clipped to the image.
+    rejection loop, sides that do not fit are clipped to the image. ``value="random"`` fills
+    each erased pixel with U(0, 1) noise, as Zhong et al. do.
     """
     b, _, h, w = x.shape
     area = _uniform(b, scale[0], scale[1], x, gen) * h * w
@@ -167,6 +168,9 @@ def _random_erase(
     in_rows = (rows >= top[:, None]) & (rows < (top + eh)[:, None])  # [B, H]
     in_cols = (cols >= left[:, None]) & (cols < (left + ew)[:, None])  # [B, W]
     mask = in_rows[:, :, None] & in_cols[:, None, :] & _bernoulli(b, p, x, gen)[:, None, None]
+    if value == "random":
+        noise = torch.rand(x.shape, device=x.device, generator=gen, dtype=x.dtype)
+        return torch.where(mask[:, None], noise, x)
     return x.masked_fill(mask[:, None], value)
 
 
@@ -297,7 +301,7 @@ class BatchAugment(nn.Module):
         erase_p: float = 0.0,
         erase_scale: Sequence[float] = (0.02, 0.33),
         erase_ratio: Sequence[float] = (0.3, 3.3),
-        erase_value: float = 0.0,
+        erase_value: float | str = 0.0,
         alias_p: float = 0.0,
         alias_factor: Sequence[float] = (2.0, 4.0),
         blur_p: float = 0.0,
@@ -321,7 +325,10 @@ class BatchAugment(nn.Module):
         erase_p = _number("erase_p", erase_p, 0.0, 1.0)
         erase_scale = _range("erase_scale", erase_scale, 1e-6, 1.0)
         erase_ratio = _range("erase_ratio", erase_ratio, 1e-3)
-        erase_value = _number("erase_value", erase_value, 0.0, 1.0)
+        if isinstance(erase_value, str) and erase_value != "random":
+            raise DigitnetError(f"aug.erase_value must be a number in [0, 1] or random, got {erase_value!r}")
+        if erase_value != "random":
+            erase_value = _number("erase_value", erase_value, 0.0, 1.0)
         alias_p = _number("alias_p", alias_p, 0.0, 1.0)
         alias_factor = _range("alias_factor", alias_factor, 1.0, 16.0)
         blur_p = _number("blur_p", blur_p, 0.0, 1.0)
