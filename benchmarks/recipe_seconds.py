@@ -31,7 +31,11 @@ def run(recipe: str, seed: int, overrides: list[str], run_dir: Path) -> dict:
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"run failed: {shlex.join(command)}\n{done.stderr.strip()[-2000:]}")
-    return json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    if "test/acc" not in metrics:
+        sys.exit(f"run wrote no test/acc: {shlex.join(command)}\n"
+                 "this benchmark reports test accuracy beside the seconds: leave test=true")
+    return metrics
 
 
 def main() -> None:

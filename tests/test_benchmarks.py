@@ -7,14 +7,25 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--override", "trainer.limit_train_batches=2", "--override", "trainer.limit_val_batches=1",
+        "--override", "trainer.limit_test_batches=1"]
+
+
+def test_recipe_seconds_refuses_a_run_without_a_test_accuracy(real_data):
+    done = subprocess.run(
+        [sys.executable, "benchmarks/recipe_seconds.py", "--recipe", "speedrun_mnist", "--repeats", "1", *TINY,
+         "--override", "test=false"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 1
+    assert "run wrote no test/acc" in done.stderr and "leave test=true" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_recipe_seconds_interleaves_the_recipe_and_a_variant_and_summarises_both(real_data):
-    tiny = ["--override", "trainer.limit_train_batches=2", "--override", "trainer.limit_val_batches=1",
-            "--override", "trainer.limit_test_batches=1"]
     done = subprocess.run(
         [sys.executable, "benchmarks/recipe_seconds.py", "--recipe", "speedrun_mnist", "--seeds", "3", "--repeats", "2",
-         "--variant", '"model.widths=[8,16,32]"', *tiny],
+         "--variant", '"model.widths=[8,16,32]"', *TINY],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
