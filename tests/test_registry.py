@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy
+from PIL import Image
 
 from conftest import REPO
 from postgres_server import postgres_url  # noqa: F401 (fixture)
 from digitnet import cli
 from digitnet.errors import DigitnetError
-from digitnet.registry import ModelRecord, Registry
+from digitnet.registry import ModelRecord, Registry, record_run
 from tiny_run import tiny_run
 
 
@@ -34,7 +35,7 @@ def _record(dataset="mnist", model="mlp", minutes=0, **metrics) -> ModelRecord:
 
 @pytest.fixture
 def registry(tmp_path):
-    with Registry(f"sqlite:///{tmp_path / 'reg.db'}") as registry:
+    with Registry(f"sqlite:///{tmp_path / 'reg.db'}", create=True) as registry:
         yield registry
 
 
@@ -158,9 +159,48 @@ def _cli(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
+def test_reading_a_missing_registry_creates_nothing(fresh_database, tmp_path):
+    """Only a training run's record_run makes the database and its table; readers say it is missing."""
+    before = sorted(tmp_path.iterdir())
+    with pytest.raises(DigitnetError, match=r"^no model registry at .*(fresh\.db|has no digitnet_models table).*--db"):
+        Registry(fresh_database)
+    assert sorted(tmp_path.iterdir()) == before
+    record_run(fresh_database, {"data": {"name": "mnist"}, "model": {"name": "mlp"}}, {"test/acc": 0.5}, tmp_path)
+    with Registry(fresh_database) as registry:
+        assert [r.metrics["test/acc"] for r in registry.list()] == [0.5]
+
+
+READ_COMMANDS = [
+    ["models", "list"],
+    ["models", "best"],
+    ["models", "show", "0ac4"],
+    ["models", "tag", "0ac4", "baseline"],
+    ["predict", "best", "seven.png"],
+    ["predict", "0ac4", "seven.png"],
+]
+
+
+@pytest.mark.parametrize("where", ["default", "env", "--db"])
+@pytest.mark.parametrize("argv", READ_COMMANDS, ids=" ".join)
+def test_commands_in_a_folder_without_registry_create_nothing(tmp_path, monkeypatch, capsys, argv, where):
+    monkeypatch.chdir(tmp_path)
+    Image.new("L", (28, 28)).save("seven.png")
+    expected = {"default": tmp_path / "outputs" / "registry.db", "env": tmp_path / "env" / "r.db",
+                "--db": tmp_path / "flag" / "r.db"}[where]
+    monkeypatch.delenv("DIGITNET_REGISTRY")
+    if where == "env":
+        monkeypatch.setenv("DIGITNET_REGISTRY", "sqlite:///env/r.db")
+    code = cli.main([argv[0], "--db", "sqlite:///flag/r.db", *argv[1:]] if where == "--db" else argv)
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err == f"error: no model registry at {expected}; training runs create it where config registry.url says. " \
+                  "Point at one with --db URL or env DIGITNET_REGISTRY\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["seven.png"]
+
+
 def test_models_command_line(trained, tmp_path, capsys):
     url = f"sqlite:///{tmp_path / 'reg.db'}"
-    with Registry(url) as registry:
+    with Registry(url, create=True) as registry:
         low = registry.add(_record("mnist", "mlp", 0, **{"test/acc": 0.91, "test/loss": 0.30}))
         high = registry.add(_record("mnist", "cnn", 1, **{"test/acc": 0.99, "test/loss": 0.04}))
     code, out, _ = _cli(capsys, "--db", url, "list", "--sort", "test/acc")

@@ -76,11 +76,13 @@ def resolve_url(url: str | None = None) -> str:
         parsed = sa.engine.make_url(url)
     except exc.ArgumentError:
         raise DigitnetError(f"registry url {url!r} is not a SQLAlchemy URL (e.g. {DEFAULT_URL})") from None
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        path = Path(parsed.database).expanduser().absolute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        parsed = parsed.set(database=str(path))
+    if _sqlite_file(parsed):
+        parsed = parsed.set(database=str(Path(parsed.database).expanduser().absolute()))
     return parsed.render_as_string(hide_password=False)
+
+
+def _sqlite_file(url: sa.URL) -> bool:
+    return url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:")
 
 
 def _sqlite_engine(url: str) -> sa.Engine:
@@ -113,26 +115,51 @@ def git_commit() -> str | None:
 
 
 class Registry:
-    """The models table of one database. Use as a context manager to release connections."""
+    """The models table of one database. Use as a context manager to release connections.
 
-    def __init__(self, url: str | None = None):
+    Only `create=True` (training's `record_run`) makes a missing database file, its folder and the
+    table; reading a registry that does not exist is an error that creates nothing.
+    """
+
+    def __init__(self, url: str | None = None, create: bool = False):
         self.url = resolve_url(url)
+        engine_url = sa.engine.make_url(self.url)
+        if _sqlite_file(engine_url):
+            if create:
+                Path(engine_url.database).parent.mkdir(parents=True, exist_ok=True)
+            elif not Path(engine_url.database).is_file():
+                raise self._missing(engine_url.database)
         try:
-            engine_url = sa.engine.make_url(self.url)
             self.engine = (
                 _sqlite_engine(self.url) if engine_url.get_backend_name() == "sqlite" else sa.create_engine(self.url)
             )
         except (exc.ArgumentError, exc.NoSuchModuleError, ImportError) as err:
             raise DigitnetError(f"cannot open registry {self.shown_url}: {err}") from None
+        if create:
+            self._create_table()
+        elif not self._has_table():
+            self.engine.dispose()
+            raise self._missing(f"{self.shown_url} (it has no {MODELS.name} table)")
+
+    def _missing(self, where: str) -> DigitnetError:
+        return DigitnetError(
+            f"no model registry at {where}; training runs create it where config registry.url says. "
+            "Point at one with --db URL or env DIGITNET_REGISTRY"
+        )
+
+    def _create_table(self) -> None:
         try:
             with self._transaction() as conn:
                 _metadata.create_all(conn)
         except DigitnetError:
             # A parallel worker created the table between the existence check and CREATE TABLE.
             # (SQLite serialises both with BEGIN IMMEDIATE; server databases need a second look.)
-            with self._transaction() as conn:
-                if not sa.inspect(conn).has_table(MODELS.name):
-                    raise
+            if not self._has_table():
+                raise
+
+    def _has_table(self) -> bool:
+        with self._transaction() as conn:
+            return sa.inspect(conn).has_table(MODELS.name)
 
     @property
     def shown_url(self) -> str:
@@ -272,7 +299,7 @@ def record_run(url: str | None, config: Mapping, metrics: Mapping, run_dir: str 
         onnx=Path(onnx_path).read_bytes() if onnx_path and Path(onnx_path).is_file() else None,
         git_commit=git_commit(),
     )
-    with Registry(url) as registry:
+    with Registry(url, create=True) as registry:
         return registry.add(record)
 
 
