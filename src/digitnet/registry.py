@@ -67,6 +67,25 @@ class ModelRecord:
     tags: list[str] = field(default_factory=list)
     onnx: bytes | None = None  # only filled by Registry.get(..., with_onnx=True)
 
+    @property
+    def test_images(self) -> tuple[int | None, int | None]:
+        """How many test images the test metrics are over, and how many the test split has (None: unknown)."""
+        return tuple(None if (n := number_or_none(self.metrics.get(key))) is None else int(n)
+                     for key in ("test/images", "test/split_images"))
+
+    @property
+    def partial_test(self) -> bool:
+        """Tested on part of the test split only (trainer.limit_test_batches, e.g. sweep trials).
+
+        Records from before test/images was recorded say nothing exact: they count as partial only
+        if their config limited the test batches (1.0, the default, means all of them).
+        """
+        images, split = self.test_images
+        if images is not None and split is not None:
+            return images < split
+        limit = self.config.get("trainer", {}).get("limit_test_batches")
+        return limit is not None and not (isinstance(limit, float) and limit == 1.0)
+
 
 def resolve_url(url: str | None = None) -> str:
     """`url`, else env DIGITNET_REGISTRY, else outputs/registry.db; a relative SQLite path is
@@ -128,7 +147,7 @@ class Registry:
             if create:
                 Path(engine_url.database).parent.mkdir(parents=True, exist_ok=True)
             elif not Path(engine_url.database).is_file():
-                raise self._missing(engine_url.database)
+                raise self._missing(engine_url.database, "the file does not exist")
         try:
             self.engine = (
                 _sqlite_engine(self.url) if engine_url.get_backend_name() == "sqlite" else sa.create_engine(self.url)
@@ -139,12 +158,12 @@ class Registry:
             self._create_table()
         elif not self._has_table():
             self.engine.dispose()
-            raise self._missing(f"{self.shown_url} (it has no {MODELS.name} table)")
+            raise self._missing(self.shown_url, f"it has no {MODELS.name} table")
 
-    def _missing(self, where: str) -> DigitnetError:
+    def _missing(self, where: str, why: str) -> DigitnetError:
         return DigitnetError(
-            f"no model registry at {where}; training runs create it where config registry.url says. "
-            "Point at one with --db URL or env DIGITNET_REGISTRY"
+            f"no model in registry {where}: {why} (training runs create it where config registry.url says); "
+            "point at one with --db URL or env DIGITNET_REGISTRY"
         )
 
     def _create_table(self) -> None:
@@ -251,19 +270,30 @@ class Registry:
             records = ranked + [r for r in records if number_or_none(r.metrics.get(sort)) is None]
         return records
 
-    def best(self, metric: str = "test/acc", mode: str = "max", **filters) -> ModelRecord:
-        """The record with the highest (`mode="max"`) or lowest (`"min"`) value of `metric`."""
+    def best(self, metric: str = "test/acc", mode: str = "max", include_partial: bool = False,
+             **filters) -> ModelRecord:
+        """The record with the highest (`mode="max"`) or lowest (`"min"`) value of `metric`.
+
+        Records tested on part of the test split only (`ModelRecord.partial_test`) are left out
+        unless `include_partial`: their numbers are not comparable with full tests.
+        """
         if mode not in ("max", "min"):
             raise DigitnetError(f"mode {mode!r} must be 'max' or 'min'")
         ranked = [r for r in self.list(sort=metric, descending=mode == "max", **filters)
                   if number_or_none(r.metrics.get(metric)) is not None]
-        if not ranked:
+        full = ranked if include_partial else [r for r in ranked if not r.partial_test]
+        if not full:
             shown = ", ".join(f"{k}={v}" for k, v in filters.items() if v) or "any dataset"
+            if ranked:
+                raise DigitnetError(
+                    f"no model in registry {self.shown_url} has metric {metric!r} ({shown}) from a whole test split: "
+                    f"{len(ranked)} were tested on part of it (trainer.limit_test_batches); --include-partial ranks them"
+                )
             raise DigitnetError(
                 f"no model in registry {self.shown_url} has metric {metric!r} ({shown}); "
                 "train one with `python train.py` or pick another metric"
             )
-        return ranked[0]
+        return full[0]
 
 
 def _record(row: sa.Row) -> ModelRecord:
