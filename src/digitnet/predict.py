@@ -1,7 +1,7 @@
 """`digitnet predict <model> <inputs...>`: classify image files, folders, IDX or .npy files.
 
 The model is a checkpoint (.ckpt), an ONNX file, a registry id (or unique prefix), or `best` /
-`best:<dataset>` (the registry's highest test accuracy). Photos and drawings of any size and
+`best:<dataset>` (the registry's highest test accuracy over a whole test split). Photos and drawings of any size and
 mode are first prepared the way MNIST itself was made (`prepare_digit`); IDX and .npy arrays
 are taken as already 28x28 MNIST-style images.
 """
@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="image background: light (ink on paper), dark (like MNIST) or auto-detect (default)")
     parser.add_argument("--save-prepared", type=Path, metavar="PNG", help="also save the prepared 28x28 inputs as a grid")
     parser.add_argument("--db", help="registry URL for ids and 'best' (default: env DIGITNET_REGISTRY or outputs/registry.db)")
+    parser.add_argument("--include-partial", action="store_true",
+                        help="'best' also ranks models tested on part of the test split only (trainer.limit_test_batches)")
     args = parser.parse_args(argv)
     if args.top_k < 1:
         raise DigitnetError(f"--top-k {args.top_k} must be at least 1")
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             check_output(path, flag)
 
     files = expand(args.inputs)
-    classifier = load_classifier(args.model, args.db)
+    classifier = load_classifier(args.model, args.db, include_partial=args.include_partial)
     inputs = load_inputs(files, args.background)
     for error in inputs.errors:
         print(f"error: {error}", file=sys.stderr)
