@@ -1,9 +1,10 @@
 """`digitnet predict <model> <inputs...>`: classify image files, folders, IDX or .npy files.
 
 The model is a checkpoint (.ckpt), an ONNX file, a registry id (or unique prefix), or `best` /
-`best:<dataset>` (the registry's highest test accuracy over a whole test split). Photos and drawings of any size and
-mode are first prepared the way MNIST itself was made (`prepare_digit`); IDX and .npy arrays
-are taken as already 28x28 MNIST-style images.
+`best:<dataset>` (the registry's highest test accuracy over a whole test split). Photos and
+drawings of any size and mode are first prepared the way MNIST itself was made (`prepare_digit`);
+IDX and .npy arrays are taken as already 28x28 MNIST-style images. A file that cannot be read is
+one error line on stderr; the others are still classified (exit status 1).
 """
 
 from __future__ import annotations
