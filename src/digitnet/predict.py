@@ -132,7 +132,7 @@ def check_output(path: Path, flag: str) -> None:
         raise DigitnetError(f"{flag} {path} is a folder; give a file name")
     folder = next(p for p in path.absolute().parents if p.exists())  # write_atomically creates the rest
     try:
-        with tempfile.TemporaryFile(dir=folder):  # the one sure test: root may write where access() says no
+        with tempfile.TemporaryFile(dir=folder):  # the sure test: access() says yes to root even in /proc
             pass
     except OSError as err:
         raise DigitnetError(f"{flag} {path} cannot be written: {folder} takes no new files ({err.strerror})") from None
