@@ -93,26 +93,33 @@ def _tested(images=None, split=None, limit=None, acc=0.9, minutes=0) -> ModelRec
     return record
 
 
-PARTIAL_CASES = {  # name: (record, tested on part of the test split only?)
-    "whole split": (_tested(10000.0, 10000.0, 1.0, acc=0.95), False),
-    "limited batches covering the split": (_tested(10000.0, 10000.0, 4, acc=0.951), False),
-    "5 of 10 batches": (_tested(5000.0, 10000.0, 5, acc=0.99), True),
-    "a quarter": (_tested(2500.0, 10000.0, 0.25, acc=0.98), True),
-    "older record, default limit": (_tested(limit=1.0, acc=0.96), False),
-    "older record, 5 batches": (_tested(limit=5, acc=0.985), True),
-    "older record, one batch": (_tested(limit=1, acc=0.97), True),
-    "older record, no trainer config": (_record(**{"test/acc": 0.94}), False),
+PARTIAL_CASES = {  # name: (record, tested on part of the test split only?, its `models list` test/images cell)
+    "whole split": (_tested(10000.0, 10000.0, 1.0, acc=0.95), False, "10000"),
+    "limited batches covering the split": (_tested(10000.0, 10000.0, 4, acc=0.951), False, "10000"),
+    "5 of 10 batches": (_tested(5000.0, 10000.0, 5, acc=0.99), True, "5000 of 10000"),
+    "a quarter": (_tested(2500.0, 10000.0, 0.25, acc=0.98), True, "2500 of 10000"),
+    "older record, default limit": (_tested(limit=1.0, acc=0.96), False, "-"),
+    "older record, 5 batches": (_tested(limit=5, acc=0.985), True, "partial"),
+    "older record, one batch": (_tested(limit=1, acc=0.97), True, "partial"),
+    "older record, no trainer config": (_record(**{"test/acc": 0.94}), False, "-"),
 }
 
 
 @pytest.mark.parametrize("name", PARTIAL_CASES)
-def test_partial_tests_are_told_apart(name):
-    record, partial = PARTIAL_CASES[name]
+def test_partial_tests_are_told_apart_and_listed(name, tmp_path, capsys):
+    record, partial, cell = PARTIAL_CASES[name]
     assert record.partial_test == partial
+    url = f"sqlite:///{tmp_path / 'reg.db'}"
+    with Registry(url, create=True) as registry:
+        registry.add(record)
+    code, out, _ = _cli(capsys, "--db", url, "list", "--metrics", "test/acc")
+    header, row = out.splitlines()
+    assert code == 0 and header.split()[-4:] == ["test/acc", "test/images", "tags", "comment"]
+    assert " ".join(row.split()[7:]) == cell  # after id, date, time, dataset, model, params, test/acc
 
 
 def test_best_skips_partial_tests_unless_asked(registry):
-    ids = {name: registry.add(record) for name, (record, _) in PARTIAL_CASES.items()}
+    ids = {name: registry.add(record) for name, (record, *_) in PARTIAL_CASES.items()}
     assert registry.best("test/acc").id == ids["older record, default limit"]  # 0.96: the best whole-split test
     assert registry.best("test/acc", include_partial=True).id == ids["5 of 10 batches"]  # 0.99
     partial = _tested(5000.0, 10000.0, 5, acc=0.9)
