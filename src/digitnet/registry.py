@@ -83,7 +83,7 @@ class ModelRecord:
         images, split = self.test_images
         if images is not None and split is not None:
             return images < split
-        limit = self.config.get("trainer", {}).get("limit_test_batches")
+        limit = (self.config.get("trainer") or {}).get("limit_test_batches")
         return limit is not None and not (isinstance(limit, float) and limit == 1.0)
 
 
