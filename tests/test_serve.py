@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import http.client
 import io
 import json
@@ -9,11 +10,13 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +33,9 @@ from digitnet.serve import load_onnx_classifier
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 # host names of this machine, as a DNS-rebinding page and a user's --allowed-host name would resolve
+                 "--host-resolver-rules=MAP rebound.test 127.0.0.1, MAP pad.test 127.0.0.1"]
 SCALE = 10  # canvas pixels per MNIST pixel: the page's canvas is 280x280
 QUIET = ("logger=none", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false", "callbacks.model_summary=null")
 
@@ -219,8 +224,8 @@ def test_collect_saves_the_drawing_the_model_saw(page, server, mnist_test):
 # ---------------------------------------------------------------------------- the HTTP API
 
 
-def _post(url: str, body: bytes, content_type: str = "image/png") -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type})
+def _post(url: str, body: bytes, content_type: str = "image/png", headers: dict | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type, **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read())
@@ -342,6 +347,104 @@ def test_collected_drawings_train_a_custom_model_that_exports(server, served_mod
     assert probs.shape == (len(test_images), 10) and torch.allclose(probs.sum(1), torch.ones(len(test_images)), atol=1e-4)
 
 
+# ---------------------------------------------------------------------------- who may use the pad
+
+ATTACK_PAGE = """<!doctype html><title>any page on the web</title><pre id="results"></pre><script>
+const pad = new URLSearchParams(location.search).get("pad");
+const png = Uint8Array.from(atob("%s"), c => c.charCodeAt(0));
+const post = options => fetch(pad + "api/collect?label=8", {method: "POST", ...options})
+  .then(r => r.type + " " + r.status, e => "failed: " + e.name);
+(async () => {
+  const results = {
+    no_cors_text: await post({mode: "no-cors", body: new Blob([png], {type: "text/plain"})}),
+    no_cors_png: await post({mode: "no-cors", body: new Blob([png], {type: "image/png"})}),
+    cors_png: await post({body: png, headers: {"Content-Type": "image/png"}}),
+  };
+  document.getElementById("results").textContent = JSON.stringify(results);
+})();
+</script>"""
+
+
+@pytest.fixture
+def attacker(mnist_test):
+    """Another web server on this machine (another port: another origin) serving a page that posts an 8 to the pad."""
+    page = (ATTACK_PAGE % base64.b64encode(_canvas_png(_first(mnist_test, 8))).decode()).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args):
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), Handler) as httpd:
+        thread = threading.Thread(target=httpd.serve_forever)
+        thread.start()
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+        httpd.shutdown()
+        thread.join()
+
+
+def test_another_origins_page_cannot_collect(browser, server, attacker):
+    before = _tree(server.dataset_dir)
+    page = browser.new_page()
+    page.goto(f"{attacker}?pad={urllib.parse.quote(server.url)}")
+    page.wait_for_function("document.querySelector('#results').textContent")
+    results = json.loads(page.text_content("#results"))
+    page.close()
+    # no-cors requests go out (the page just cannot read the answer); the CORS one dies at its preflight
+    assert results == {"no_cors_text": "opaque 0", "no_cors_png": "opaque 0", "cors_png": "failed: TypeError"}
+    assert _tree(server.dataset_dir) == before
+
+
+def test_a_rebound_host_name_is_refused(browser, server, mnist_test):
+    """A page whose name was rebound to 127.0.0.1 after it loaded talks to the pad under its own name."""
+    before = _tree(server.dataset_dir)
+    port = urllib.parse.urlsplit(server.url).port
+    page = browser.new_page()
+    assert page.goto(f"http://rebound.test:{port}/").status == 400
+    # same-origin for the browser, so no preflight and no Origin check can help: only the Host name does
+    status = page.evaluate("""async png => (await fetch("/api/collect?label=8", {method: "POST",
+        headers: {"Content-Type": "image/png"}, body: new Uint8Array(png)})).status""",
+                           list(_canvas_png(_first(mnist_test, 8))))
+    page.close()
+    assert status == 400 and _tree(server.dataset_dir) == before
+    for method, path in (("GET", "/"), ("GET", "/api/info"), ("POST", "/api/collect?label=8")):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection.request(method, path, _canvas_png(_first(mnist_test, 8)) if method == "POST" else None,
+                           {"Host": f"evil.example:{port}", "Content-Type": "image/png"})
+        response = connection.getresponse()
+        assert (response.status, response.read()) == (400, b"Invalid host header"), path
+        connection.close()
+    assert _tree(server.dataset_dir) == before
+
+
+def test_posts_marked_cross_origin_or_not_an_image_are_refused(server, mnist_test):
+    digit = _canvas_png(_first(mnist_test, 8))
+    own_origin = server.url.rstrip("/")
+    before = _tree(server.dataset_dir)
+    cases = [
+        ("image/png", {"Origin": "http://127.0.0.1:1"}, 403, "cross-origin requests are refused"),
+        ("image/png", {"Origin": "null"}, 403, "cross-origin requests are refused"),  # sandboxed frames, file: pages
+        ("image/png", {"Origin": own_origin, "Sec-Fetch-Site": "same-site"}, 403, "cross-origin requests are refused"),
+        ("image/png", {"Sec-Fetch-Site": "cross-site"}, 403, "cross-origin requests are refused"),
+        ("text/plain", {}, 415, "send the image with Content-Type image/png"),
+        ("application/x-www-form-urlencoded", {}, 415, "send the image with Content-Type image/png"),
+        ("multipart/form-data; boundary=x", {}, 415, "send the image with Content-Type image/png"),
+    ]
+    for path in ("api/collect?label=8", "api/predict"):
+        for content_type, headers, status, message in cases:
+            code, answer = _post(server.url + path, digit, content_type, headers)
+            assert (code, message in answer["error"]) == (status, True), (path, headers, code, answer)
+    # what the pad's own page sends
+    headers = {"Origin": own_origin, "Sec-Fetch-Site": "same-origin"}
+    assert _post(server.url + "api/predict", digit, "image/png; charset=binary", headers)[0] == 200
+    assert _tree(server.dataset_dir) == before
+
+
 # ---------------------------------------------------------------------------- models and command line
 
 
@@ -365,6 +468,7 @@ def test_command_line_errors_are_one_line(served_model, tmp_path, capsys):
         (["best", "--db", empty_registry], "no model in registry"),
         ([str(served_model.run_dir), "--port", str(taken.getsockname()[1])], "cannot listen on 127.0.0.1"),
         ([str(served_model.run_dir), "--port", "70000"], "must be between 0 and 65535"),
+        ([str(served_model.run_dir), "--host", "0.0.0.0"], "name the host names or addresses its users open it by"),
     ]
     for args, message in cases:
         assert cli.main(["serve", *args]) == 2

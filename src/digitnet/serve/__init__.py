@@ -18,7 +18,7 @@ from digitnet.data.folder import FOLDER
 from digitnet.data.idx import data_root
 from digitnet.errors import DigitnetError
 from digitnet.classifier import Classifier, classifier_from_onnx
-from digitnet.serve.app import create_app
+from digitnet.serve.app import LOOPBACK_HOSTS, create_app
 
 
 def load_onnx_classifier(spec: str, registry_url: str | None = None) -> Classifier:
@@ -53,14 +53,25 @@ def _registry_classifier(spec: str, registry_url: str | None) -> Classifier:
 
 
 def _bind(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port: browsers may connect as soon as the address is printed."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(2048)
     except OSError as err:
         sock.close()
         raise DigitnetError(f"cannot listen on {host}:{port} ({err.strerror}); pick another --port") from None
     return sock
+
+
+def allowed_hosts(host: str, named: list[str]) -> tuple[str, ...]:
+    """The Host names requests may carry: this machine's, the listening address, and the ones the user named."""
+    if host in ("0.0.0.0", "::", "") and not named:
+        raise DigitnetError(f"--host {host or repr(host)} opens the pad to the network: name the host names or addresses "
+                            "its users open it by with --allowed-host (repeatable)")
+    listening = f"[{host}]" if ":" in host else host
+    return tuple(dict.fromkeys([*LOOPBACK_HOSTS, listening, *named]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,11 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", help="an .onnx file, a run dir (its model.onnx), a registry id, 'best' or 'best:<dataset>'")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help="a host name or address users open the pad by, besides localhost and --host "
+                        "(repeatable; required with --host 0.0.0.0)")
     parser.add_argument("--data-root", help="where drawings go: <data root>/custom/<label>/ (default: $DIGITNET_DATA or data/)")
     parser.add_argument("--db", help="registry URL for ids and 'best' (default: env DIGITNET_REGISTRY or outputs/registry.db)")
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         raise DigitnetError(f"--port {args.port} must be between 0 and 65535")
+    hosts = allowed_hosts(args.host, args.allowed_host)
 
     classifier = load_onnx_classifier(args.model, args.db)
     dataset_dir = (Path(args.data_root) if args.data_root else data_root()) / FOLDER
@@ -85,6 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {classifier.source} on http://{shown}:{port}/  (drawings saved to {dataset_dir}; Ctrl-C stops)",
           flush=True)
-    server = uvicorn.Server(uvicorn.Config(create_app(classifier, dataset_dir), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(classifier, dataset_dir, hosts), log_level="warning"))
     server.run(sockets=[sock])
     return 0
