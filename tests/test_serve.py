@@ -6,10 +6,12 @@ import base64
 import http.client
 import io
 import json
+import os
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import urllib.error
 import urllib.parse
@@ -50,7 +52,11 @@ class ServedModel:
 @dataclass
 class Server:
     url: str
-    dataset_dir: Path  # <data root>/custom
+    dataset_dir: Path  # the collect folder, <data root>/custom
+    log: Path  # the server's stderr
+
+    def console(self) -> str:
+        return self.log.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -68,23 +74,34 @@ def served_model(real_data, tmp_path_factory) -> ServedModel:
     return ServedModel(root / "run", Path(metrics["best_checkpoint"]), url)
 
 
-@pytest.fixture(scope="module")
-def server(served_model):
-    """`digitnet serve run --port 0 --data-root drawings` in its own process, as a user starts it
-    (relative paths, so the page and its screenshot show the same text in every test run)."""
-    base = served_model.run_dir.parent
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "digitnet.cli", "serve", "run", "--port", "0", "--data-root", "drawings"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=base,
-    )
+def _start_server(cwd: Path, *args: str, env: dict | None = None):
+    """`digitnet serve <args> --port 0` in its own process in `cwd`, as a user starts it: the Server and its process."""
+    log = cwd / f"serve-{len(list(cwd.glob('serve-*.log')))}.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "digitnet.cli", "serve", *args, "--port", "0"],
+                                stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=cwd, env=env)
     line = proc.stdout.readline()  # "serving <model> on http://127.0.0.1:<port>/ ..." once it listens
     if "http://" not in line:
         proc.kill()
-        pytest.fail(f"server did not start: {line}{proc.stderr.read()}")
-    url = line.split(" on ")[1].split()[0]
-    yield Server(url, base / "drawings" / "custom")
+        pytest.fail(f"server did not start: {line}{log.read_text()}")
+    collect_line = proc.stdout.readline()  # "drawings are saved in <absolute folder>/<label>/; ..."
+    folder = Path(collect_line.removeprefix("drawings are saved in ").split("/<label>/")[0])
+    return Server(line.split(" on ")[1].split()[0], folder, log), proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(served_model):
+    """`digitnet serve run --collect-dir drawings/custom` (relative paths, so the page and its
+    screenshot show the same text in every test run)."""
+    server, proc = _start_server(served_model.run_dir.parent, "run", "--collect-dir", "drawings/custom")
+    assert server.dataset_dir == served_model.run_dir.parent / "drawings" / "custom"
+    yield server
+    _stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -445,6 +462,52 @@ def test_posts_marked_cross_origin_or_not_an_image_are_refused(server, mnist_tes
     assert _tree(server.dataset_dir) == before
 
 
+def test_default_collect_dir_allowed_host_and_unwritable_label_folder(served_model, browser, mnist_test, tmp_path):
+    """Without --collect-dir drawings go to data/custom under the current folder, never into the
+    dataset store $DIGITNET_DATA; the page works under a name given with --allowed-host; /api/info
+    shows no absolute path; a label folder that cannot be made is one JSON error and one console line."""
+    store = tmp_path / "store"
+    store.mkdir()
+    env = {**os.environ, "DIGITNET_DATA": str(store)}
+    model = str(served_model.run_dir / "model.onnx")  # outside the server's folder
+    server, proc = _start_server(tmp_path, model, "--allowed-host", "pad.test", env=env)
+    try:
+        assert server.dataset_dir == tmp_path / "data" / "custom"
+        page = browser.new_page(viewport={"width": 1000, "height": 560})
+        page.goto(f"http://pad.test:{urllib.parse.urlsplit(server.url).port}/")
+        page.wait_for_selector("body[data-ready=true]")
+        assert page.text_content("#model-info") == "model.onnx (mnist) - drawings are saved to data/custom/<label>/"
+        _draw(page, _strokes(_first(mnist_test, 5)))
+        page.click("#labels button[data-label='5']")
+        page.wait_for_function("document.querySelector('#status').textContent.startsWith('saved')")
+        page.close()
+        assert len(list((tmp_path / "data" / "custom" / "5").glob("*.png"))) == 1 and not any(store.iterdir())
+
+        (tmp_path / "data" / "custom" / "6").write_text("a file where the label folder 6 should be")
+        code, answer = _post(server.url + "api/collect?label=6", _canvas_png(_first(mnist_test, 6)))
+        assert code == 500 and answer["error"].startswith("cannot save in data/custom/6: "), answer
+        with urllib.request.urlopen(server.url + "api/info", timeout=30) as response:
+            assert str(tmp_path) not in response.read().decode()
+    finally:
+        _stop(proc)
+    (line,) = server.console().splitlines()
+    assert "cannot save a drawing in" in line and "Traceback" not in line
+
+
+def test_a_collect_dir_this_user_cannot_write_is_one_line(served_model):
+    readonly = Path(tempfile.mkdtemp())
+    readonly.chmod(0o555)
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []  # root writes anywhere
+    try:
+        result = subprocess.run([*as_nobody, sys.executable, "-m", "digitnet.cli", "serve", str(served_model.run_dir),
+                                 "--collect-dir", str(readonly / "custom")], capture_output=True, text=True, timeout=120)
+    finally:
+        readonly.rmdir()
+    assert result.returncode == 2 and result.stdout == "", result
+    assert result.stderr == f"error: cannot save drawings in {readonly}/custom: {readonly} is not a folder you can write; " \
+                            "pass --collect-dir <a folder of yours>\n"
+
+
 # ---------------------------------------------------------------------------- models and command line
 
 
@@ -469,6 +532,7 @@ def test_command_line_errors_are_one_line(served_model, tmp_path, capsys):
         ([str(served_model.run_dir), "--port", str(taken.getsockname()[1])], "cannot listen on 127.0.0.1"),
         ([str(served_model.run_dir), "--port", "70000"], "must be between 0 and 65535"),
         ([str(served_model.run_dir), "--host", "0.0.0.0"], "name the host names or addresses its users open it by"),
+        ([str(served_model.run_dir), "--collect-dir", str(served_model.checkpoint / "custom")], "is not a folder you can write"),
     ]
     for args, message in cases:
         assert cli.main(["serve", *args]) == 2

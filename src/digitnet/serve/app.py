@@ -21,6 +21,7 @@ one of the model's class names and a name the server makes up.
 from __future__ import annotations
 
 import io
+import logging
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -49,6 +50,7 @@ CONTENT_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/gi
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 TOP_K = 3
 PAGE = Path(__file__).with_name("index.html")
+log = logging.getLogger("uvicorn.error")  # printed the way uvicorn prints its own warnings
 
 
 def shown_path(path: str | Path) -> str:
@@ -181,8 +183,11 @@ class DrawingPad:
             raise HTTPException(400, f"label folder {label} leads outside the collect folder")
         if image.mode not in ("L", "LA", "RGB", "RGBA"):  # palette, CMYK, 16-bit...: keep what prepare_digit saw
             image = image.convert("RGBA")
-        # re-encoded from the decoded pixels: the bytes users sent are never written as they are
-        write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
+        try:  # re-encoded from the decoded pixels: the bytes users sent are never written as they are
+            write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
+        except OSError as err:
+            log.warning("cannot save a drawing in %s: %s", folder, err.strerror or err)
+            raise HTTPException(500, f"cannot save in {self.shown_dir}/{label}: {err.strerror or err}") from None
         return path
 
 
