@@ -508,6 +508,20 @@ def test_a_collect_dir_this_user_cannot_write_is_one_line(served_model):
                             "pass --collect-dir <a folder of yours>\n"
 
 
+def test_a_client_leaving_mid_upload_is_one_console_line(server, mnist_test):
+    before = server.console()
+    parts = urllib.parse.urlsplit(server.url)
+    with socket.create_connection((parts.hostname, parts.port)) as sock:
+        sock.sendall(b"POST /api/collect?label=3 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+                     b"Content-Length: 100000\r\n\r\n" + _canvas_png(_first(mnist_test, 3))[:5000])
+    for _ in range(300):  # the server notices the closed connection on its own schedule
+        if server.console() != before:
+            break
+        threading.Event().wait(0.1)
+    assert server.console()[len(before):] == "WARNING:  a client left during its upload to /api/collect; nothing saved\n"
+    assert _post(server.url + "api/predict", _canvas_png(_first(mnist_test, 3)))[0] == 200
+
+
 # ---------------------------------------------------------------------------- models and command line
 
 

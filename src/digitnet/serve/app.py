@@ -34,8 +34,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
-from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from digitnet.errors import DigitnetError
@@ -195,6 +195,11 @@ async def _error(request: Request, exc: HTTPException) -> JSONResponse:
     return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
 
 
+async def _disconnected(request: Request, exc: ClientDisconnect) -> Response:
+    log.warning("a client left during its upload to %s; nothing saved", request.url.path)
+    return Response(status_code=400)  # nobody is left to read it
+
+
 def create_app(classifier: Classifier, collect_dir: str | Path, allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS) -> Starlette:
     """The app serving `classifier` to requests naming one of `allowed_hosts`; collected drawings go to `collect_dir`/<label>/."""
     pad = DrawingPad(classifier, Path(collect_dir))
@@ -204,5 +209,5 @@ def create_app(classifier: Classifier, collect_dir: str | Path, allowed_hosts: t
         Route("/api/predict", pad.predict, methods=["POST"]),
         Route("/api/collect", pad.collect, methods=["POST"]),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: _error},
+    return Starlette(routes=routes, exception_handlers={HTTPException: _error, ClientDisconnect: _disconnected},
                      middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts, www_redirect=False)])
