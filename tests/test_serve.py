@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import http.client
 import io
 import json
@@ -520,6 +521,18 @@ def test_a_client_leaving_mid_upload_is_one_console_line(server, mnist_test):
         threading.Event().wait(0.1)
     assert server.console()[len(before):] == "WARNING:  a client left during its upload to /api/collect; nothing saved\n"
     assert _post(server.url + "api/predict", _canvas_png(_first(mnist_test, 3)))[0] == 200
+
+
+def test_twenty_clients_uploading_the_largest_images_all_get_their_answer(server, mnist_test):
+    """At most two uploads are decoded at once (memory); the others wait and are answered, with the right codes."""
+    largest = _canvas_png(_first(mnist_test, 1), size=2048)
+    blank = _png(Image.new("RGBA", (2048, 2048)))
+    too_large = _png(Image.new("L", (2049, 2048)))
+    bodies = [largest] * 16 + [blank] * 2 + [too_large] * 2
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda body: _post(server.url + "api/predict", body), bodies))
+    assert [code for code, _ in answers] == [200] * 16 + [422] * 2 + [413] * 2
+    assert all(answer["top"][0]["label"] == "1" for _, answer in answers[:16])
 
 
 # ---------------------------------------------------------------------------- models and command line

@@ -26,11 +26,11 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import anyio
 import numpy as np
 import torch
 from PIL import Image
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -48,6 +48,8 @@ MAX_PIXELS = 2048 * 2048
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")  # what a browser or a phone sends; fewer decoders, fewer surprises
 CONTENT_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/gif")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+# uploads decoded and run through the model at once: a 2048x2048 one takes over 100 MB while prepared
+WORKERS = 2
 TOP_K = 3
 PAGE = Path(__file__).with_name("index.html")
 log = logging.getLogger("uvicorn.error")  # printed the way uvicorn prints its own warnings
@@ -130,6 +132,7 @@ class DrawingPad:
         self.classifier, self.collect_dir = classifier, collect_dir.resolve()
         self.shown_dir = shown_path(collect_dir)
         self.page = PAGE.read_text(encoding="utf-8")
+        self.workers = anyio.CapacityLimiter(WORKERS)
 
     def counts(self) -> dict[str, int]:
         return {
@@ -141,6 +144,10 @@ class DrawingPad:
     def _folder_safe(label: str) -> bool:
         return label not in ("", ".", "..") and not any(c in label for c in "/\\\0")
 
+    async def _work(self, function, *args):
+        """`function(*args)` in a worker thread, at most WORKERS at once: bounds the memory of many uploads."""
+        return await anyio.to_thread.run_sync(function, *args, limiter=self.workers)
+
     async def index(self, request: Request) -> HTMLResponse:
         return HTMLResponse(self.page)
 
@@ -150,11 +157,10 @@ class DrawingPad:
                              "collect_dir": self.shown_dir, "counts": self.counts()})
 
     async def predict(self, request: Request) -> JSONResponse:
-        image = decode_image(await _upload(request))
-        return JSONResponse(await run_in_threadpool(self._predict, image))
+        return JSONResponse(await self._work(self._predict, await _upload(request)))
 
-    def _predict(self, image: Image.Image) -> dict:
-        seen = _prepare(image)
+    def _predict(self, data: bytes) -> dict:
+        seen = _prepare(decode_image(data))
         probs = self.classifier.probabilities(torch.from_numpy(seen)[None, None].float() / 255)[0]
         top = probs.topk(min(TOP_K, len(probs)))
         names = self.classifier.class_names
@@ -170,12 +176,12 @@ class DrawingPad:
             raise HTTPException(400, f"label {label!r} is not one of the model's classes {self.classifier.class_names}")
         if not self._folder_safe(label):
             raise HTTPException(400, f"label {label!r} cannot be a folder name")
-        image = decode_image(await _upload(request))
-        saved = await run_in_threadpool(self._save, image, label)
+        saved = await self._work(self._save, await _upload(request), label)
         return JSONResponse({"saved": str(saved.relative_to(self.collect_dir)), "label": label,
                              "counts": self.counts()}, status_code=201)
 
-    def _save(self, image: Image.Image, label: str) -> Path:
+    def _save(self, data: bytes, label: str) -> Path:
+        image = decode_image(data)
         _prepare(image)  # a blank drawing would later stop data=custom training
         folder = self.collect_dir / label
         path = folder / f"{uuid.uuid4().hex}.png"
