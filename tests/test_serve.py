@@ -369,6 +369,7 @@ def test_collected_drawings_train_a_custom_model_that_exports(server, served_mod
 
 ATTACK_PAGE = """<!doctype html><title>any page on the web</title><pre id="results"></pre><script>
 const pad = new URLSearchParams(location.search).get("pad");
+document.body.insertAdjacentHTML("beforeend", `<iframe src="${pad}"></iframe>`);
 const png = Uint8Array.from(atob("%s"), c => c.charCodeAt(0));
 const post = options => fetch(pad + "api/collect?label=8", {method: "POST", ...options})
   .then(r => r.type + " " + r.status, e => "failed: " + e.name);
@@ -412,10 +413,14 @@ def test_another_origins_page_cannot_collect(browser, server, attacker):
     page.goto(f"{attacker}?pad={urllib.parse.quote(server.url)}")
     page.wait_for_function("document.querySelector('#results').textContent")
     results = json.loads(page.text_content("#results"))
+    framed = page.frames[1]
+    framed.wait_for_load_state()
+    pad_in_frame = framed.evaluate("document.getElementById('pad') !== null")
     page.close()
     # no-cors requests go out (the page just cannot read the answer); the CORS one dies at its preflight
     assert results == {"no_cors_text": "opaque 0", "no_cors_png": "opaque 0", "cors_png": "failed: TypeError"}
     assert _tree(server.dataset_dir) == before
+    assert not pad_in_frame, framed.url  # the browser would not show the pad in the other site's frame
 
 
 def test_a_rebound_host_name_is_refused(browser, server, mnist_test):

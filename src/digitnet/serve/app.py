@@ -149,7 +149,8 @@ class DrawingPad:
         return await anyio.to_thread.run_sync(function, *args, limiter=self.workers)
 
     async def index(self, request: Request) -> HTMLResponse:
-        return HTMLResponse(self.page)
+        # no other site may show the pad in a frame and trick clicks on its Collect buttons
+        return HTMLResponse(self.page, headers={"Content-Security-Policy": "frame-ancestors 'none'"})
 
     async def info(self, request: Request) -> JSONResponse:
         c = self.classifier
