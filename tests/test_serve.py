@@ -243,7 +243,8 @@ def test_collect_saves_the_drawing_the_model_saw(page, server, mnist_test):
 
 
 def _post(url: str, body: bytes, content_type: str = "image/png", headers: dict | None = None) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type, **(headers or {})})
+    headers = {"Content-Type": content_type, **(headers or {})}
+    request = urllib.request.Request(url, data=body, method="POST", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read())
@@ -503,15 +504,17 @@ def test_default_collect_dir_allowed_host_and_unwritable_label_folder(served_mod
 def test_a_collect_dir_this_user_cannot_write_is_one_line(served_model):
     readonly = Path(tempfile.mkdtemp())
     readonly.chmod(0o555)
-    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []  # root writes anywhere
+    # root writes into any folder: run the server as nobody then
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
     try:
-        result = subprocess.run([*as_nobody, sys.executable, "-m", "digitnet.cli", "serve", str(served_model.run_dir),
-                                 "--collect-dir", str(readonly / "custom")], capture_output=True, text=True, timeout=120)
+        command = [sys.executable, "-m", "digitnet.cli", "serve", str(served_model.run_dir),
+                   "--collect-dir", str(readonly / "custom")]
+        result = subprocess.run([*as_nobody, *command], capture_output=True, text=True, timeout=120)
     finally:
         readonly.rmdir()
     assert result.returncode == 2 and result.stdout == "", result
-    assert result.stderr == f"error: cannot save drawings in {readonly}/custom: {readonly} is not a folder you can write; " \
-                            "pass --collect-dir <a folder of yours>\n"
+    assert result.stderr == (f"error: cannot save drawings in {readonly}/custom: {readonly} is not a folder "
+                             "you can write; pass --collect-dir <a folder of yours>\n")
 
 
 def test_a_client_leaving_mid_upload_is_one_console_line(server, mnist_test):
@@ -524,7 +527,8 @@ def test_a_client_leaving_mid_upload_is_one_console_line(server, mnist_test):
         if server.console() != before:
             break
         threading.Event().wait(0.1)
-    assert server.console()[len(before):] == "WARNING:  a client left during its upload to /api/collect; nothing saved\n"
+    said = server.console()[len(before):]
+    assert said == "WARNING:  a client left during its upload to /api/collect; nothing saved\n"
     assert _post(server.url + "api/predict", _canvas_png(_first(mnist_test, 3)))[0] == 200
 
 
@@ -564,7 +568,8 @@ def test_command_line_errors_are_one_line(served_model, tmp_path, capsys):
         ([str(served_model.run_dir), "--port", str(taken.getsockname()[1])], "cannot listen on 127.0.0.1"),
         ([str(served_model.run_dir), "--port", "70000"], "must be between 0 and 65535"),
         ([str(served_model.run_dir), "--host", "0.0.0.0"], "name the host names or addresses its users open it by"),
-        ([str(served_model.run_dir), "--collect-dir", str(served_model.checkpoint / "custom")], "is not a folder you can write"),
+        ([str(served_model.run_dir), "--collect-dir", str(served_model.checkpoint / "custom")],
+         "is not a folder you can write"),
     ]
     for args, message in cases:
         assert cli.main(["serve", *args]) == 2

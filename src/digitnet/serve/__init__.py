@@ -79,8 +79,8 @@ def check_collect_dir(folder: Path) -> None:
 def allowed_hosts(host: str, named: list[str]) -> tuple[str, ...]:
     """The Host names requests may carry: this machine's, the listening address, and the ones the user named."""
     if host in ("0.0.0.0", "::", "") and not named:
-        raise DigitnetError(f"--host {host or repr(host)} opens the pad to the network: name the host names or addresses "
-                            "its users open it by with --allowed-host (repeatable)")
+        raise DigitnetError(f"--host {host or repr(host)} opens the pad to the network: name the host names or "
+                            "addresses its users open it by with --allowed-host (repeatable)")
     listening = f"[{host}]" if ":" in host else host
     return tuple(dict.fromkeys([*LOOPBACK_HOSTS, listening, *named]))
 
@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a host name or address users open the pad by, besides localhost and --host "
                         "(repeatable; required with --host 0.0.0.0)")
     parser.add_argument("--collect-dir", type=Path, default=DEFAULT_COLLECT_DIR,
-                        help=f"where drawings go: <collect dir>/<label>/ (default {DEFAULT_COLLECT_DIR}, under the current folder)")
+                        help=f"where drawings go: <collect dir>/<label>/ (default {DEFAULT_COLLECT_DIR}, "
+                        "under the current folder)")
     parser.add_argument("--db", help="registry URL for ids and 'best' (default: env DIGITNET_REGISTRY or outputs/registry.db)")
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {classifier.source} on http://{shown}:{port}/  (Ctrl-C stops)", flush=True)
-    print(f"drawings are saved in {args.collect_dir.absolute()}/<label>/; {training_hint(args.collect_dir)}", flush=True)
+    print(f"drawings are saved in {args.collect_dir.absolute()}/<label>/; {training_hint(args.collect_dir)}",
+          flush=True)
     app = create_app(classifier, args.collect_dir, hosts)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     server.run(sockets=[sock])

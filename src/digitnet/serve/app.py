@@ -207,8 +207,9 @@ async def _disconnected(request: Request, exc: ClientDisconnect) -> Response:
     return Response(status_code=400)  # nobody is left to read it
 
 
-def create_app(classifier: Classifier, collect_dir: str | Path, allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS) -> Starlette:
-    """The app serving `classifier` to requests naming one of `allowed_hosts`; collected drawings go to `collect_dir`/<label>/."""
+def create_app(classifier: Classifier, collect_dir: str | Path,
+               allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS) -> Starlette:
+    """The app serving `classifier` to requests naming one of `allowed_hosts`; drawings go to `collect_dir`/<label>/."""
     pad = DrawingPad(classifier, Path(collect_dir))
     routes = [
         Route("/", pad.index),
