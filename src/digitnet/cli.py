@@ -18,14 +18,23 @@ def run_task(task: Callable, cfg):
     """Run a Hydra task; a single run prints a DigitnetError as one line and exits 2.
 
     In a multirun the error propagates, so the sweeper can record the trial as failed and go on.
+    Either way, the error (or an unexpected exception's traceback) also goes into the run's log file.
     """
+    from digitnet import console  # imports Lightning: not for `digitnet --version`
+
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    console.setup(multi_node=(cfg.get("trainer") or {}).get("num_nodes", 1) > 1, sweep_trial=multirun)
     try:
         return task(cfg)
     except DigitnetError as err:
-        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        console.log_error_to_file(f"error: {err}")
+        if multirun:
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Exception:  # Hydra prints the traceback on the console
+        console.log_error_to_file("the run failed:", exc_info=True)
+        raise
 
 
 # subcommand -> (module with a `main(argv) -> int`, one-line help); imported only when used

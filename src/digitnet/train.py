@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from digitnet.board import log_hparams
 from digitnet.checkpoint import load_checkpoint_of
 from digitnet.config import validate
+from digitnet.console import result_line
 from digitnet.ema import EMA
 from digitnet.errors import DigitnetError
 from digitnet.module import DigitClassifier
@@ -113,7 +114,8 @@ def train(cfg: DictConfig) -> float | list[float]:
         if isinstance(logger, TensorBoardLogger) and not trainer.fast_dev_run:  # the HPARAMS tab
             final = {k: v for k, v in metrics.items() if k not in logged}
             log_hparams(logger, OmegaConf.to_container(cfg, resolve=True), final, trainer.global_step)
-    log.info("run dir: %s  (test/acc=%s)", run_dir.resolve(), metrics.get("test/acc"))
+    log.info(result_line(metrics, trainer.fast_dev_run, cfg.test))
+    log.info("run dir: %s", run_dir.resolve())
 
     wanted = [cfg.optimized_metric] if isinstance(cfg.optimized_metric, str) else list(cfg.optimized_metric)
     unknown = [name for name in wanted if name not in metrics]
