@@ -72,6 +72,18 @@ def test_unexpected_exception_leaves_its_traceback_in_train_log(real_data, tmp_p
     assert re.search(r"\[ERROR\] - the run failed:\nTraceback .*\nRuntimeError: boom after epoch 0", log, re.S)
 
 
+def test_sweep_console_numbers_trials_like_their_folders(real_data, tmp_path):
+    done, console = run("train.py", "-m", *TINY, "trainer.max_epochs=1", "model.dropout=0.0,0.1",
+                        "hydra.sweeper.study_name=tiny", "hydra.sweeper.n_trials=2", tmp_path=tmp_path)
+    assert done.returncode == 0, console
+    assert "trial #0 (1 of 2): model.dropout=" in console and "trial #1 (2 of 2): model.dropout=" in console
+    assert re.search(r"2 of 2 trials ended \| best 0\.\d+ \(trial #[01]\)", console)
+    for noise in ("++callbacks.optuna_pruning", "Launching 1 jobs locally", "Trainable params", *NOISE):
+        assert noise not in console, noise
+    for number in (0, 1):  # each trial's own log keeps its model summary
+        assert "Trainable params" in (tmp_path / "sweeps" / "tiny" / str(number) / "train.log").read_text()
+
+
 def test_smoke_test_says_what_it_checked_not_an_accuracy(real_data, tmp_path, caplog):
     cfg = compose_config("model=mlp", "debug=fast_dev_run", "logger=none", "trainer.enable_progress_bar=false",
                          "callbacks.progress_bar=null", output_dir=tmp_path)

@@ -53,8 +53,8 @@ def load(cwd: Path, study: str = "demo", storage: str | None = None) -> optuna.S
 
 
 def started_trials(output: str) -> list[int]:
-    """Trial numbers a worker launched, from its console lines 'trial k/n: ...'."""
-    return [int(k) - 1 for k in re.findall(r"trial (\d+)/\d+: ", output)]
+    """Trial numbers a worker launched, from its console lines 'trial #k (k+1 of n): ...'."""
+    return [int(k) for k in re.findall(r"trial #(\d+) \(\d+ of \d+\): ", output)]
 
 
 def assert_exactly_ended(study: optuna.Study, n_trials: int) -> None:
@@ -65,7 +65,7 @@ def assert_exactly_ended(study: optuna.Study, n_trials: int) -> None:
 
 def test_sweep_writes_report_resumes_and_extends(tmp_path):
     out = sweep(tmp_path, *SPACE, "hydra.sweeper.n_trials=6")
-    assert "trial 6/6 ended | best" in out
+    assert "6 of 6 trials ended | best" in out
     study = load(tmp_path)
     assert_exactly_ended(study, 6)
     sweep_dir = tmp_path / "sweeps" / "demo"
