@@ -30,10 +30,6 @@ WARNING_NOISE = [r"`isinstance\(treespec, LeafSpec\)` is deprecated"]
 SRUN_HINT = r"The `srun` command is available on your system but is not used"
 
 
-def file_only(record: logging.LogRecord) -> bool:
-    return getattr(record, "file_only", False)
-
-
 class ConsoleFormatter(logging.Formatter):
     """Plain messages; warnings and errors start with `warning:` / `error:`."""
 
@@ -54,7 +50,7 @@ class NotFileOnly(logging.Filter):
     """For the console handler: lets through everything but records marked `file_only`."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not file_only(record)
+        return not getattr(record, "file_only", False)
 
 
 class _DropLightningNoise(logging.Filter):
