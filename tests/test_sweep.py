@@ -129,6 +129,14 @@ def test_failed_trials_are_recorded_and_the_sweep_goes_on(tmp_path):
         assert (t.user_attrs.get("error") == f"RuntimeError: diverged at x={t.params['x']}") == crashed
 
 
+@pytest.mark.parametrize("crash_as, traceback", [("runtime", True), ("digitnet", False)])
+def test_a_failed_trial_shows_a_traceback_only_for_a_bug(tmp_path, crash_as, traceback):
+    out = sweep(tmp_path, *SPACE, "crash_above=-1", f"crash_as={crash_as}", "hydra.sweeper.n_trials=1",
+                "hydra.sweeper.max_failure_rate=1.0")
+    assert re.search(r"trial #0 failed: \w+Error: diverged at x=", out)
+    assert ("Traceback" in out) == traceback
+
+
 def test_too_many_failures_stop_the_sweep(tmp_path):
     out = sweep(tmp_path, *SPACE, "crash_above=-1", "hydra.sweeper.n_trials=8",
                 "hydra.sweeper.max_failure_rate=0.25", status=2)

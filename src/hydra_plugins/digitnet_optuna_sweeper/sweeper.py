@@ -229,7 +229,8 @@ class _TrialRunner:
 
     def _record_failure(self, trial: optuna.Trial, error: str, raised: BaseException | None) -> None:
         trial.set_user_attr("error", error)
-        log.warning("trial #%d failed: %s", trial.number, error, exc_info=raised)
+        bug = raised if not isinstance(raised, DigitnetError) else None  # a DigitnetError's message says it all
+        log.warning("trial #%d failed: %s", trial.number, error, exc_info=bug)
         self.study.tell(trial, state=TrialState.FAIL)
         log.info(report.summary_line(self.study, self.n_trials))
 
