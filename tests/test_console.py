@@ -9,7 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
+import pytest
+from omegaconf import OmegaConf
+
 from conftest import REPO, compose_config
+from digitnet.cli import run_task
 from digitnet.console import progress
 from digitnet.train import train
 from tiny_run import tiny_run
@@ -82,6 +87,16 @@ def test_sweep_console_numbers_trials_like_their_folders(real_data, tmp_path):
         assert noise not in console, noise
     for number in (0, 1):  # each trial's own log keeps its model summary
         assert "Trainable params" in (tmp_path / "sweeps" / "tiny" / str(number) / "train.log").read_text()
+
+
+def test_pruned_trial_is_one_line_not_a_failure(caplog):
+    def pruned(cfg):
+        raise optuna.TrialPruned("pruned after epoch 1: val/acc=0.8144")
+
+    with caplog.at_level(logging.INFO), pytest.raises(optuna.TrialPruned):
+        run_task(pruned, OmegaConf.create({}))
+    logging.captureWarnings(False)  # run_task routed warnings into logging for the whole process
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [("INFO", "pruned after epoch 1: val/acc=0.8144")]
 
 
 def test_smoke_test_says_what_it_checked_not_an_accuracy(real_data, tmp_path, caplog):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from collections.abc import Callable
 
@@ -32,8 +33,13 @@ def run_task(task: Callable, cfg):
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except Exception:  # Hydra prints the traceback on the console
-        console.log_error_to_file("the run failed:", exc_info=True)
+    except Exception as err:
+        from optuna import TrialPruned  # raised by a sweep trial's pruning callback
+
+        if isinstance(err, TrialPruned):  # the sweep goes on: not a failure
+            logging.getLogger(__name__).info("%s", err)
+        else:  # Hydra prints the traceback on the console
+            console.log_error_to_file("the run failed:", exc_info=True)
         raise
 
 
