@@ -121,6 +121,15 @@ def test_eval_says_what_it_does_before_each_long_phase(real_data, tmp_path, tmp_
     assert "robustness: accuracy on 29" in (tmp_path / "eval" / "eval.log").read_text()
 
 
+def test_digitnet_export_says_what_it_verifies(real_data, tmp_path, tmp_path_factory):
+    trained = tiny_run(tmp_path_factory)
+    done = subprocess.run([sys.executable, "-m", "digitnet.cli", "export", str(trained.checkpoint), "-o",
+                           str(tmp_path / "m.onnx"), "--test-images", "300", "--int8"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout.splitlines()[:2] == ["verifying m.onnx against PyTorch on 300 test images ...",
+                                            "quantising to m.int8.onnx and measuring its test accuracy ..."]
+
+
 def test_progress_bars_only_on_a_terminal_and_when_enabled():
     assert progress(range(3), desc="off", enabled=False).disable
     assert progress(range(3), desc="not a terminal").disable  # pytest captures stderr

@@ -13,6 +13,7 @@ import copy
 import io
 import json
 import logging
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -324,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", help="dataset root for verification (default: $DIGITNET_DATA or data/)")
     parser.add_argument("--test-images", type=int, help="verify on the first N test images only (default: all)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the progress lines of a long verification
+    # the progress lines of a long verification, on stdout like the summary (stderr: errors only)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     report = export_checkpoint(
         args.checkpoint,
         args.output or args.checkpoint.with_suffix(".onnx"),
