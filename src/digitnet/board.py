@@ -24,9 +24,12 @@ def flatten(config: Mapping, prefix: str = "") -> dict[str, float | str]:
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
             flat |= flatten(value, f"{name}.")
-        elif value is not None:
-            plain = isinstance(value, (int, float)) and not isinstance(value, bool)
-            flat[name] = value if plain else str(value).lower() if isinstance(value, bool) else str(value)
+        elif isinstance(value, bool):
+            flat[name] = str(value).lower()
+        elif isinstance(value, (int, float)):
+            flat[name] = value
+        elif value is not None:  # lists and strings as text
+            flat[name] = str(value)
     return flat
 
 
