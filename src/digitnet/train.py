@@ -14,8 +14,10 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
+from digitnet.board import log_hparams
 from digitnet.checkpoint import load_checkpoint_of
 from digitnet.config import validate
+from digitnet.console import result_line
 from digitnet.ema import EMA
 from digitnet.errors import DigitnetError
 from digitnet.module import DigitClassifier
@@ -107,11 +109,13 @@ def train(cfg: DictConfig) -> float | list[float]:
     if cfg.registry.enabled and not trainer.fast_dev_run:  # a smoke test leaves no model to keep
         record_id = record_run(cfg.registry.url, OmegaConf.to_container(cfg, resolve=True), metrics, run_dir)
         log.info("recorded as model %s in the registry (`digitnet models show %s`)", record_id, record_id[:8])
+    logged = set(fit_metrics) | set(_scalars(trainer))  # already in the loggers, as curves
     for logger in loggers:
-        if isinstance(logger, TensorBoardLogger):  # the hparams table with the final metrics
-            scalars = {k: v for k, v in metrics.items() if "/" in k and isinstance(v, (int, float))}
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True), scalars)
-    log.info("run dir: %s  (test/acc=%s)", run_dir.resolve(), metrics.get("test/acc"))
+        if isinstance(logger, TensorBoardLogger) and not trainer.fast_dev_run:  # the HPARAMS tab
+            final = {k: v for k, v in metrics.items() if k not in logged}
+            log_hparams(logger, OmegaConf.to_container(cfg, resolve=True), final, trainer.global_step)
+    log.info(result_line(metrics, trainer.fast_dev_run, cfg.test))
+    log.info("run dir: %s", run_dir.resolve())
 
     wanted = [cfg.optimized_metric] if isinstance(cfg.optimized_metric, str) else list(cfg.optimized_metric)
     unknown = [name for name in wanted if name not in metrics]

@@ -29,18 +29,20 @@ log = logging.getLogger(__name__)
 
 
 def summary_line(study: optuna.Study, n_trials: int) -> str:
-    """``trial 5/12 ended | best 0.9312 (trial 3) | 2 pruned, 0 failed`` for the console."""
+    """``5 of 12 trials ended | best 0.9312 (trial #3) | 2 pruned, 0 failed`` for the console.
+
+    Trials are named ``#<Optuna trial number>`` as their folders are, counting from 0."""
     trials = [t for t in study.get_trials(deepcopy=False) if t.number < n_trials]
     counts = Counter(t.state for t in trials)
     ended = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED] + counts[TrialState.FAIL]
     if len(study.directions) > 1:
         best = f"pareto front of {len(study.best_trials)}"
     elif counts[TrialState.COMPLETE]:
-        best = f"best {study.best_value:.4g} (trial {study.best_trial.number})"
+        best = f"best {study.best_value:.4g} (trial #{study.best_trial.number})"
     else:
         best = "no complete trial yet"
     return (
-        f"trial {ended}/{n_trials} ended | {best} | {counts[TrialState.PRUNED]} pruned, "
+        f"{ended} of {n_trials} trials ended | {best} | {counts[TrialState.PRUNED]} pruned, "
         f"{counts[TrialState.FAIL]} failed | {epochs_trained(trials)} epochs trained"
     )
 

@@ -45,6 +45,17 @@ log = logging.getLogger(__name__)
 PRUNING_CALLBACK = "++callbacks.optuna_pruning"
 
 
+class _QuietLauncher(logging.Filter):
+    """Drops Hydra's launcher lines: `Launching 1 jobs locally` and each job's overrides, which
+    repeat the trial line's parameters plus the internal pruning-callback settings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not re.match(r"Launching \d+ jobs locally$|\t#\d+ : ", record.getMessage())
+
+
+_QUIET_LAUNCHER = _QuietLauncher()
+
+
 class DigitnetOptunaSweeper(Sweeper):
     def __init__(self, **conf: Any) -> None:
         self.conf = DictConfig(conf)  # the keys of DigitnetOptunaSweeperConf
@@ -60,6 +71,7 @@ class DigitnetOptunaSweeper(Sweeper):
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
         )
+        logging.getLogger(type(self.launcher).__module__).addFilter(_QUIET_LAUNCHER)
 
     def sweep(self, arguments: list[str]) -> optuna.Study:
         try:
@@ -193,7 +205,7 @@ class _TrialRunner:
             params = [p.override(_suggest(trial, p)) for p in self.space.params]
             task_overrides = [*self.space.fixed, *params]
             trial.set_user_attr("command", shlex.join(["python", sys.argv[0], *task_overrides]))
-            log.info("trial %d/%d: %s", trial.number + 1, self.n_trials, " ".join(params))
+            log.info("trial #%d (%d of %d): %s", trial.number, trial.number + 1, self.n_trials, " ".join(params))
             try:
                 job_overrides = [*task_overrides, *self._callback_overrides(trial)]
                 [result] = self.sweeper.launcher.launch([job_overrides], trial.number)
@@ -217,7 +229,8 @@ class _TrialRunner:
 
     def _record_failure(self, trial: optuna.Trial, error: str, raised: BaseException | None) -> None:
         trial.set_user_attr("error", error)
-        log.warning("trial %d failed: %s", trial.number, error, exc_info=raised)
+        bug = raised if not isinstance(raised, DigitnetError) else None  # a DigitnetError's message says it all
+        log.warning("trial #%d failed: %s", trial.number, error, exc_info=bug)
         self.study.tell(trial, state=TrialState.FAIL)
         log.info(report.summary_line(self.study, self.n_trials))
 
