@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from digitnet.atomic import write_atomically
 from digitnet.errors import DigitnetError
 from digitnet.registry import DEFAULT_URL, ModelRecord, Registry, number_or_none
 
@@ -55,9 +56,7 @@ def _show(record: ModelRecord, with_config: bool) -> None:
 def _write_onnx(record: ModelRecord, path: Path) -> None:
     if not record.onnx:
         raise DigitnetError(f"model {record.id[:8]} has no ONNX bytes stored (its run wrote no model.onnx)")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(record.onnx)
-    tmp.replace(path)  # a reader never sees half a file
+    write_atomically(path, lambda tmp: tmp.write_bytes(record.onnx))
     print(f"wrote {path} ({len(record.onnx)} bytes)")
 
 

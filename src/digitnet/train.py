@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
+from digitnet.atomic import write_atomically
 from digitnet.checkpoint import load_checkpoint_of
 from digitnet.config import validate
 from digitnet.ema import EMA
@@ -103,7 +104,7 @@ def train(cfg: DictConfig) -> float | list[float]:
         trainer.test(module, datamodule, ckpt_path=best or None, verbose=False)
 
     metrics = _final_metrics(trainer, module, fit_metrics, fit_seconds)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_atomically(run_dir / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
     if cfg.registry.enabled and not trainer.fast_dev_run:  # a smoke test leaves no model to keep
         record_id = record_run(cfg.registry.url, OmegaConf.to_container(cfg, resolve=True), metrics, run_dir)
         log.info("recorded as model %s in the registry (`digitnet models show %s`)", record_id, record_id[:8])
