@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import io
+import logging
+import shutil
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch import callbacks
 
+from digitnet.atomic import write_atomically
 from digitnet.errors import DigitnetError
+
+log = logging.getLogger(__name__)
 
 
 def load_checkpoint(path: str | Path) -> L.LightningModule:
@@ -52,3 +59,35 @@ def load_checkpoint_of(path: str | Path, model_name: str, key: str) -> L.Lightni
             f"add model={trained} to the command"
         )
     return module
+
+
+class ModelCheckpoint(callbacks.ModelCheckpoint):
+    """Lightning's ModelCheckpoint that keeps the best-so-far when a run resumes into a new run dir.
+
+    Lightning forgets the old run's top-k checkpoints and their scores when the folder changed, so
+    the resumed run would test and export its own best epoch even if an earlier one was better.
+    Here the old top-k files are copied into the new folder and tracked as if saved there (so the
+    old run dir is never touched). Same class name as Lightning's: its state key in checkpoints
+    is the class name, so checkpoints of either class resume with the other.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        moved = state_dict.get("dirpath") not in (None, self.dirpath) and self.dirpath is not None
+        if moved and all(Path(p).is_file() for p in state_dict.get("best_k_models", {})):
+            state_dict = self._carried_over(state_dict)
+        elif moved:
+            log.warning("the best checkpoints of the run resumed from are gone; the best-so-far starts afresh")
+        super().load_state_dict(state_dict)
+
+    def _carried_over(self, state: dict[str, Any]) -> dict[str, Any]:
+        """`state` with its top-k checkpoints copied into this callback's folder."""
+        moved = {old: str(Path(self.dirpath) / Path(old).name) for old in state["best_k_models"]}
+        for old, new in moved.items():
+            write_atomically(Path(new), lambda tmp, old=old: shutil.copyfile(old, tmp))
+        return state | {
+            "dirpath": self.dirpath,
+            "best_k_models": {moved[old]: score for old, score in state["best_k_models"].items()},
+            "best_model_path": moved.get(state["best_model_path"], ""),
+            "kth_best_model_path": moved.get(state["kth_best_model_path"], ""),
+            "last_model_path": "",  # the old run's last.ckpt stays where it is
+        }

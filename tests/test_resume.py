@@ -1,0 +1,63 @@
+"""Resuming into a new run dir ends like the uninterrupted run: same best checkpoint, test/acc and metrics keys."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import compose_config
+from digitnet.train import train
+
+SPIKE_EPOCH = 2
+RUN = ["model=mlp", "sched=none", "trainer.limit_train_batches=20", "trainer.limit_val_batches=2",
+       "trainer.limit_test_batches=2", "callbacks.onnx_export.test_images=200",
+       "++callbacks.lr_spike._target_=test_resume.LrSpike", f"++callbacks.lr_spike.epoch={SPIKE_EPOCH}",
+       "logger=none", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false", "callbacks.model_summary=null"]
+
+
+class LrSpike(L.Callback):
+    """Multiplies the learning rate by 100 at the start of `epoch`: that epoch validates far worse."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            for group in trainer.optimizers[0].param_groups:
+                group["lr"] *= 100
+
+
+def run(run_dir: Path, *overrides: str) -> dict:
+    train(compose_config(*RUN, *overrides, output_dir=run_dir))
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def checkpoint_epoch(path: str) -> int:
+    return torch.load(path, map_location="cpu", weights_only=False)["epoch"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(real_data, tmp_path_factory) -> tuple[Path, dict]:
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    metrics = run(run_dir, "trainer.max_epochs=3")
+    assert checkpoint_epoch(metrics["best_checkpoint"]) < SPIKE_EPOCH, "the spike should make the last epoch worse"
+    return run_dir, metrics
+
+
+def test_resumed_run_keeps_the_best_checkpoint_from_before_the_stop(uninterrupted, tmp_path):
+    _, expected = uninterrupted
+    run(tmp_path / "first", f"trainer.max_epochs={SPIKE_EPOCH}")  # stopped after epoch 1, as a kill after its checkpoint
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    resumed = run(tmp_path / "resumed", "trainer.max_epochs=3", f"ckpt_path={last}")
+
+    best = Path(resumed["best_checkpoint"])
+    assert best.parent == tmp_path / "resumed" / "checkpoints"  # the new run dir holds its own best checkpoint
+    assert best.name == Path(expected["best_checkpoint"]).name
+    assert checkpoint_epoch(best) == checkpoint_epoch(expected["best_checkpoint"])
+    for key in ("val/acc_best", "test/acc", "test/loss", "onnx/test_acc", "epochs"):
+        assert resumed[key] == expected[key], key
+    assert (tmp_path / "first" / "checkpoints" / best.name).is_file()  # the old run dir is left as it was
