@@ -61,3 +61,14 @@ def test_resumed_run_keeps_the_best_checkpoint_from_before_the_stop(uninterrupte
     for key in ("val/acc_best", "test/acc", "test/loss", "onnx/test_acc", "epochs"):
         assert resumed[key] == expected[key], key
     assert (tmp_path / "first" / "checkpoints" / best.name).is_file()  # the old run dir is left as it was
+
+
+def test_run_resumed_after_its_last_epoch_tests_and_reports_the_same_metrics(uninterrupted, tmp_path):
+    """As a run killed during its test phase: its last.ckpt holds the final epoch, fit has nothing left to do."""
+    run_dir, expected = uninterrupted
+    assert checkpoint_epoch(run_dir / "checkpoints" / "last.ckpt") == 2  # the last epoch, though not the best
+    resumed = run(tmp_path / "resumed", "trainer.max_epochs=3", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}")
+    assert sorted(resumed) == sorted(expected)
+    for key in expected:
+        if key.split("/")[0] in ("train", "val", "test") or key in ("epochs", "onnx/test_acc"):
+            assert resumed[key] == expected[key], key

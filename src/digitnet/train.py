@@ -98,7 +98,8 @@ def train(cfg: DictConfig) -> float | list[float]:
     start = time.perf_counter()
     trainer.fit(module, datamodule, ckpt_path=cfg.ckpt_path)
     fit_seconds = time.perf_counter() - start
-    fit_metrics = _scalars(trainer)  # testing replaces the trainer's metrics
+    # testing replaces the trainer's metrics; a run resumed after its last epoch logged none
+    fit_metrics = _scalars(trainer) or module.checkpoint_metrics
     if cfg.test:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(module, datamodule, ckpt_path=best or None, verbose=False)
