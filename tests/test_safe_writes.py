@@ -178,3 +178,15 @@ def test_registry_onnx_out_on_a_full_disk_writes_no_file(real_data, tmp_path_fac
     show = digitnet_cli("models", "--db", run.registry_url, "show", run.record_id, "--onnx-out", str(disk / "best.onnx"))
     assert_one_error_line(show, str(disk / "best.onnx"), "No space left on device")
     assert not (disk / "best.onnx").exists() and not temp_files(disk)
+
+
+def test_checkpoint_on_a_full_disk_is_one_error_line_and_no_truncated_checkpoint(real_data, small_disk):
+    run_dir = small_disk("1m")  # an MLP checkpoint with its optimizer state is ~1.3 MB
+    cfg = compose_config("model=mlp", "trainer.max_epochs=1", "trainer.limit_train_batches=5",
+                         "trainer.limit_val_batches=2", "callbacks.onnx_export=null", *QUIET, output_dir=run_dir)
+    with pytest.raises(DigitnetError) as err:
+        train(cfg)
+    message = str(err.value)
+    assert message.startswith(f"could not write {run_dir / 'checkpoints'}/") and "\n" not in message
+    assert "No space left on device" in message
+    assert not list((run_dir / "checkpoints").iterdir())

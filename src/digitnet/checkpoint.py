@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch import callbacks
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from digitnet.atomic import write_atomically
 from digitnet.errors import DigitnetError
@@ -91,3 +92,17 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
             "kth_best_model_path": moved.get(state["kth_best_model_path"], ""),
             "last_model_path": "",  # the old run's last.ckpt stays where it is
         }
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writing through `write_atomically`.
+
+    Lightning writes the temp file into the system temp dir and moves it into place, which on
+    another file system is a copy (a kill mid-copy leaves a truncated .ckpt); nothing is fsynced,
+    and a full disk is a traceback. Here: temp file beside the checkpoint, fsync, rename, one line.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)  # into a file, torch reports a full disk as a RuntimeError
+        write_atomically(Path(path), lambda tmp: tmp.write_bytes(buffer.getbuffer()))

@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from digitnet.atomic import write_atomically
-from digitnet.checkpoint import load_checkpoint_of
+from digitnet.checkpoint import AtomicCheckpointIO, load_checkpoint_of
 from digitnet.config import validate
 from digitnet.ema import EMA
 from digitnet.errors import DigitnetError
@@ -93,7 +93,8 @@ def train(cfg: DictConfig) -> float | list[float]:
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     if cfg.ema_decay is not None:
         callbacks.append(EMA(cfg.ema_decay))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=run_dir)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=run_dir,
+                                     plugins=[AtomicCheckpointIO()])
 
     start = time.perf_counter()
     trainer.fit(module, datamodule, ckpt_path=cfg.ckpt_path)
