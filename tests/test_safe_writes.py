@@ -190,3 +190,23 @@ def test_checkpoint_on_a_full_disk_is_one_error_line_and_no_truncated_checkpoint
     assert message.startswith(f"could not write {run_dir / 'checkpoints'}/") and "\n" not in message
     assert "No space left on device" in message
     assert not list((run_dir / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("had_previous", [True, False])
+def test_sweep_report_on_a_full_disk_is_one_error_line_and_no_truncated_file(tmp_path, small_disk, had_previous):
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="demo", storage=storage)
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1) ** 2, n_trials=3)
+    disk = small_disk("1m")
+    if had_previous:
+        (disk / "best.yaml").write_text("the previous report\n")
+    fill(disk, leave=0)
+    report = digitnet_cli("sweep-report", storage, "demo", "--out", str(disk))
+    assert_one_error_line(report, str(disk / "best.yaml"), "No space left on device")
+    if had_previous:
+        assert (disk / "best.yaml").read_text() == "the previous report\n"
+    else:
+        assert not (disk / "best.yaml").exists()
+    assert not temp_files(disk)
