@@ -72,3 +72,13 @@ def test_run_resumed_after_its_last_epoch_tests_and_reports_the_same_metrics(uni
     for key in expected:
         if key.split("/")[0] in ("train", "val", "test") or key in ("epochs", "onnx/test_acc"):
             assert resumed[key] == expected[key], key
+
+
+def test_resume_without_a_monitor_tests_the_last_epoch_checkpoint_of_the_new_run_dir(real_data, tmp_path):
+    """model_checkpoint.monitor=null (as fashion_best): the "best" checkpoint is the last epoch's."""
+    no_monitor = ["callbacks.model_checkpoint.monitor=null", "callbacks.lr_spike=null", "trainer.max_epochs=2"]
+    expected = run(tmp_path / "uninterrupted", *no_monitor)
+    last = tmp_path / "uninterrupted" / "checkpoints" / "last.ckpt"
+    resumed = run(tmp_path / "resumed", *no_monitor, f"ckpt_path={last}")
+    assert Path(resumed["best_checkpoint"]) == tmp_path / "resumed" / "checkpoints" / Path(expected["best_checkpoint"]).name
+    assert resumed["test/acc"] == expected["test/acc"] and resumed["val/acc"] == expected["val/acc"]

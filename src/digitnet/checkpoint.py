@@ -67,30 +67,31 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
 
     Lightning forgets the old run's top-k checkpoints and their scores when the folder changed, so
     the resumed run would test and export its own best epoch even if an earlier one was better.
-    Here the old top-k files are copied into the new folder and tracked as if saved there (so the
+    Here the old checkpoints are copied into the new folder and tracked as if saved there (so the
     old run dir is never touched). Same class name as Lightning's: its state key in checkpoints
     is the class name, so checkpoints of either class resume with the other.
     """
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        moved = state_dict.get("dirpath") not in (None, self.dirpath) and self.dirpath is not None
-        if moved and all(Path(p).is_file() for p in state_dict.get("best_k_models", {})):
+        if self.dirpath is not None and state_dict.get("dirpath") not in (None, self.dirpath):
             state_dict = self._carried_over(state_dict)
-        elif moved:
-            log.warning("the best checkpoints of the run resumed from are gone; the best-so-far starts afresh")
         super().load_state_dict(state_dict)
 
     def _carried_over(self, state: dict[str, Any]) -> dict[str, Any]:
-        """`state` with its top-k checkpoints copied into this callback's folder."""
-        moved = {old: str(Path(self.dirpath) / Path(old).name) for old in state["best_k_models"]}
+        """`state` with its checkpoints (top k, and the best of a callback without a monitor) copied here."""
+        old_paths = {*state.get("best_k_models", {}), state.get("best_model_path", "")} - {""}
+        if not all(Path(p).is_file() for p in old_paths):
+            log.warning("the checkpoints of the run resumed from are gone; its best-so-far is forgotten")
+            return state
+        moved = {old: str(Path(self.dirpath) / Path(old).name) for old in old_paths}
         for old, new in moved.items():
             write_atomically(Path(new), lambda tmp, old=old: shutil.copyfile(old, tmp))
         return state | {
             "dirpath": self.dirpath,
-            "best_k_models": {moved[old]: score for old, score in state["best_k_models"].items()},
-            "best_model_path": moved.get(state["best_model_path"], ""),
-            "kth_best_model_path": moved.get(state["kth_best_model_path"], ""),
-            "last_model_path": "",  # the old run's last.ckpt stays where it is
+            "best_k_models": {moved[old]: score for old, score in state.get("best_k_models", {}).items()},
+            "best_model_path": moved.get(state.get("best_model_path", ""), ""),
+            "kth_best_model_path": moved.get(state.get("kth_best_model_path", ""), ""),
+            "last_model_path": "",  # the old run's last.ckpt is not this callback's to replace
         }
 
 
