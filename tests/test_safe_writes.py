@@ -192,13 +192,18 @@ def test_checkpoint_on_a_full_disk_is_one_error_line_and_no_truncated_checkpoint
     assert not list((run_dir / "checkpoints").iterdir())
 
 
-@pytest.mark.parametrize("had_previous", [True, False])
-def test_sweep_report_on_a_full_disk_is_one_error_line_and_no_truncated_file(tmp_path, small_disk, had_previous):
+def small_study(tmp_path: Path) -> str:
     import optuna
 
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(study_name="demo", storage=storage)
     study.optimize(lambda trial: trial.suggest_float("x", 0, 1) ** 2, n_trials=3)
+    return storage
+
+
+@pytest.mark.parametrize("had_previous", [True, False])
+def test_sweep_report_on_a_full_disk_is_one_error_line_and_no_truncated_file(tmp_path, small_disk, had_previous):
+    storage = small_study(tmp_path)
     disk = small_disk("1m")
     if had_previous:
         (disk / "best.yaml").write_text("the previous report\n")
@@ -210,3 +215,11 @@ def test_sweep_report_on_a_full_disk_is_one_error_line_and_no_truncated_file(tmp
     else:
         assert not (disk / "best.yaml").exists()
     assert not temp_files(disk)
+
+
+def test_sweep_report_into_a_read_only_folder_is_one_error_line(tmp_path, small_disk):
+    storage = small_study(tmp_path)
+    disk = small_disk("1m")
+    make_read_only(disk)
+    report = digitnet_cli("sweep-report", storage, "demo", "--out", str(disk / "demo"))
+    assert_one_error_line(report, str(disk / "demo" / "best.yaml"), "Read-only file system")

@@ -51,8 +51,7 @@ def epochs_trained(trials: list[FrozenTrial]) -> int:
 
 def write_report(study: optuna.Study, out_dir: Path) -> Path:
     """Write best.yaml, trials.csv and plots/ into ``out_dir``; returns ``out_dir``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)  # created by the first write, which says so if it cannot
     trials = study.get_trials(deepcopy=False)
     best = yaml.safe_dump(best_summary(study), sort_keys=False)
     write_atomically(out_dir / "best.yaml", lambda tmp: tmp.write_text(best))
