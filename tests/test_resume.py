@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 
-from conftest import compose_config
+from conftest import REPO, compose_config, run_train
 from digitnet.train import train
 
 SPIKE_EPOCH = 2
@@ -82,3 +85,25 @@ def test_resume_without_a_monitor_tests_the_last_epoch_checkpoint_of_the_new_run
     resumed = run(tmp_path / "resumed", *no_monitor, f"ckpt_path={last}")
     assert Path(resumed["best_checkpoint"]) == tmp_path / "resumed" / "checkpoints" / Path(expected["best_checkpoint"]).name
     assert resumed["test/acc"] == expected["test/acc"] and resumed["val/acc"] == expected["val/acc"]
+
+
+def test_run_killed_while_testing_resumes_to_a_normal_end(real_data, tmp_path):
+    """The real thing: SIGKILL once model.onnx is written (end of fit, the test set is next)."""
+    args = ["model=mlp", "trainer.max_epochs=2", "trainer.limit_train_batches=20", "logger=none"]
+    first = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={tmp_path / 'first'}"],
+                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not (tmp_path / "first" / "model.onnx").exists() and first.poll() is None:
+            time.sleep(0.01)
+        first.kill()
+    finally:
+        first.wait()
+    assert not (tmp_path / "first" / "metrics.json").exists(), "the run finished before it could be killed"
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+
+    resumed = run_train(*args, f"ckpt_path={last}", run_dir=tmp_path / "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    fit_metrics = torch.load(last, map_location="cpu", weights_only=False)["fit_metrics"]
+    assert {k: metrics[k] for k in fit_metrics} == fit_metrics  # train/*, val/* including val/acc_best
+    assert metrics["epochs"] == 2 and metrics["test/acc"] > 0.8 and (tmp_path / "resumed" / "model.onnx").is_file()
