@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 import digitnet
+from digitnet.atomic import write_atomically
 from digitnet.checkpoint import load_checkpoint
 from digitnet.console import progress
 from digitnet.errors import DigitnetError
@@ -228,39 +229,44 @@ def export_onnx(
         "digitnet_version": digitnet.__version__,
     })
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(proto, path)
+    write_atomically(path, lambda tmp: onnx.save(proto, tmp))
     report = ExportReport(path, len(y), torch_acc, onnx_acc, max_abs_diff, time.perf_counter() - start)
     if int8:
-        report.int8_path, report.int8_test_acc = _write_int8(path, x, y, progress_bar)
+        report.int8_path, report.int8_test_acc = _write_int8(proto, path.with_suffix(".int8.onnx"), x, y, progress_bar)
     return report
 
 
-def _write_int8(path: Path, x: torch.Tensor, y: torch.Tensor, progress_bar: bool) -> tuple[Path, float]:
+def _write_int8(
+    proto: onnx.ModelProto, int8_path: Path, x: torch.Tensor, y: torch.Tensor, progress_bar: bool
+) -> tuple[Path, float]:
     """Dynamic int8 quantisation: int8 weights, activation ranges computed per input at run time,
     so the raw-0-255 / 0-1 / standardised input contract still holds (a calibrated static range
     would clip inputs of another scale)."""
+    def write(tmp: Path) -> float:
+        quantized = _quantize(proto, tmp)
+        _check_contract(quantized)
+        probabilities = _onnx_probabilities(quantized, x, "onnxruntime int8", progress_bar)
+        acc = float((probabilities.argmax(1) == y.numpy()).mean())
+        _set_metadata(quantized, {"test_accuracy": f"{acc:.4f}", "quantization": "int8 dynamic (onnxruntime)"})
+        onnx.save(quantized, tmp)
+        return acc
+
+    log.info("quantising to %s and measuring its test accuracy ...", int8_path.name)
+    return int8_path, write_atomically(int8_path, write)
+
+
+def _quantize(proto: onnx.ModelProto, out: Path) -> onnx.ModelProto:
+    """Quantise into `out`; from the proto, as from a path the quantiser writes a side file beside it."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    int8_path = path.with_suffix(".int8.onnx")
-    log.info("quantising to %s and measuring its test accuracy ...", int8_path.name)
     # onnxruntime's CPU ConvInteger kernel only takes uint8 weights. The quantiser's advice to
     # pre-process first is silenced: that step adds opset domains the exercise's runtime lacks.
     logging.disable(logging.WARNING)
     try:
-        quantize_dynamic(path, int8_path, weight_type=QuantType.QUInt8)
+        quantize_dynamic(proto, out, weight_type=QuantType.QUInt8)
     finally:
         logging.disable(logging.NOTSET)
-    proto = onnx.load(int8_path)
-    try:
-        _check_contract(proto)
-    except DigitnetError:
-        int8_path.unlink()
-        raise
-    acc = float((_onnx_probabilities(proto, x, "onnxruntime int8", progress_bar).argmax(1) == y.numpy()).mean())
-    _set_metadata(proto, {"test_accuracy": f"{acc:.4f}", "quantization": "int8 dynamic (onnxruntime)"})
-    onnx.save(proto, int8_path)
-    return int8_path, acc
+    return onnx.load(out)
 
 
 def export_checkpoint(checkpoint: str | Path, path: str | Path, **kwargs) -> ExportReport:

@@ -10,8 +10,6 @@ import argparse
 import csv
 import io
 import logging
-import os
-import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -22,6 +20,7 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
+from digitnet.atomic import write_atomically
 from digitnet.errors import DigitnetError
 from digitnet.sweep.study import load_study
 
@@ -54,11 +53,11 @@ def epochs_trained(trials: list[FrozenTrial]) -> int:
 
 def write_report(study: optuna.Study, out_dir: Path) -> Path:
     """Write best.yaml, trials.csv and plots/ into ``out_dir``; returns ``out_dir``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)  # created by the first write, which says so if it cannot
     trials = study.get_trials(deepcopy=False)
-    _write_atomically(out_dir / "best.yaml", yaml.safe_dump(best_summary(study), sort_keys=False))
-    _write_atomically(out_dir / "trials.csv", trials_csv(trials, len(study.directions)))
+    best = yaml.safe_dump(best_summary(study), sort_keys=False)
+    write_atomically(out_dir / "best.yaml", lambda tmp: tmp.write_text(best))
+    write_atomically(out_dir / "trials.csv", lambda tmp: tmp.write_text(trials_csv(trials, len(study.directions))))
     _write_plots(study, out_dir / "plots")
     return out_dir
 
@@ -144,17 +143,10 @@ def _write_plots(study: optuna.Study, plot_dir: Path) -> None:
             log.info("skipped plot %s: %s", name, err)
             continue
         figure = axes.flat[0].figure if hasattr(axes, "flat") else axes.figure
-        with tempfile.NamedTemporaryFile(dir=plot_dir, suffix=".png", delete=False) as tmp:
-            figure.savefig(tmp, format="png", bbox_inches="tight")
-        os.replace(tmp.name, plot_dir / f"{name}.png")
-        plt.close(figure)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Concurrent workers may write the same report: readers never see half a file."""
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
+        try:
+            write_atomically(plot_dir / f"{name}.png", lambda tmp: figure.savefig(tmp, format="png", bbox_inches="tight"))
+        finally:
+            plt.close(figure)
 
 
 def _storage_url(storage: str) -> str:

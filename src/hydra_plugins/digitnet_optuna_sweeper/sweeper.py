@@ -27,6 +27,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from optuna.distributions import CategoricalDistribution, IntDistribution
 from optuna.trial import TrialState
 
+from digitnet.atomic import write_atomically
 from digitnet.errors import DigitnetError
 from digitnet.sweep import budget, report
 from digitnet.sweep.study import (
@@ -109,7 +110,7 @@ class DigitnetOptunaSweeper(Sweeper):
         next_number = len(study.get_trials(deepcopy=False))
         seed = None if conf.seed is None else conf.seed + next_number
         study.sampler = make_sampler(_plain(conf.sampler), seed, space.grid())
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        write_atomically(sweep_dir / "multirun.yaml", lambda tmp: OmegaConf.save(self.config, tmp))
         log.info("study %r in %s: %d trials", conf.study_name, storage_url, n_trials)
 
         trial_runner = _TrialRunner(self, space, study, storage, n_trials, monitor, storage_url)
