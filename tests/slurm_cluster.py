@@ -6,6 +6,11 @@ and logs live in a temp dir, and the SLURM client commands find the config throu
 which the fixture sets for the test session (subprocesses inherit it). CI installs the Debian
 packages ``slurm-wlm`` and ``munge``; a missing piece fails the test loudly instead of skipping it.
 Finished jobs are kept in a job-completion log, so ``sacct -c`` lists them.
+
+The cluster has no accounting daemon (slurmdbd needs a MySQL server), so plain ``sacct`` fails;
+submitit polls it to learn that a job ended without writing its result (e.g. cancelled). The
+fixture puts a ``sacct`` first on PATH that answers such queries from the job-completion log,
+naming array tasks ``<array job>_<task>`` as slurmdbd's sacct does; ``sacct -c`` runs the real one.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -32,8 +38,10 @@ class SlurmCluster:
     cpus: int
 
     def jobs(self) -> dict[str, str]:
-        """Job id -> final state (COMPLETED, FAILED, CANCELLED, ...) of every finished job, from `sacct -c`."""
-        out = subprocess.run(["sacct", "-c", "-n", "-P", "-o", "jobid,state"], capture_output=True, text=True,
+        """Job id (array tasks: <array job>_<task>) -> final state (COMPLETED, FAILED, CANCELLED, ...)
+        of every finished job, from the job-completion log (`sacct -c` lists array tasks by their
+        own job ids; the fixture's sacct names them as submitit and slurmdbd do)."""
+        out = subprocess.run(["sacct", "-n", "-P", "-o", "JobID,State"], capture_output=True, text=True,
                              check=True).stdout
         return dict(line.split("|")[:2] for line in out.splitlines() if "|" in line)
 
@@ -86,6 +94,40 @@ PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
 """
 
 
+SACCT = """\
+#!{python}
+# sacct -o FIELDS --parsable2 [-j ID]... from the job-completion log (see tests/slurm_cluster.py)
+import os, re, sys
+args = sys.argv[1:]
+if "-c" in args:
+    os.execv("{sacct}", ["sacct", *args])
+fields = args[args.index("-o") + 1].split(",")
+wanted = {{args[i + 1] for i, a in enumerate(args) if a == "-j"}}
+if "-n" not in args:
+    print("|".join(fields))
+for line in open("{log}") if os.path.exists("{log}") else []:
+    job = dict(re.findall(r"(\\w+)=(\\S*)", line))
+    if "ArrayJobId" in job:
+        job["JobID"] = job["ArrayJobId"] + "_" + job["ArrayTaskId"]
+    else:
+        job["JobID"] = job["JobId"]
+    job["State"] = job["JobState"]
+    if not wanted or wanted & {{job["JobId"], job.get("ArrayJobId")}}:
+        print("|".join(job.get(f, "") for f in fields))
+"""
+
+
+def _sacct_shim(root: Path) -> Path:
+    """A folder holding the job-completion-log sacct, to put first on PATH."""
+    bin_dir = root / "bin"
+    bin_dir.mkdir()
+    shim = bin_dir / "sacct"
+    shim.write_text(SACCT.format(python=sys.executable, sacct=shutil.which("sacct"),
+                                 log=root / "log" / "jobcomp.txt"))
+    shim.chmod(0o755)
+    return bin_dir
+
+
 def _wait_for_node(deadline_s: float, root: Path) -> None:
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
@@ -128,6 +170,7 @@ def slurm_cluster():
     pid_files = [munge / "munged.pid", root / "slurmctld.pid", root / "slurmd.pid"]
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SLURM_CONF", str(conf))
+        patch.setenv("PATH", f"{_sacct_shim(root)}{os.pathsep}{os.environ['PATH']}")
         try:
             run("runuser", "-u", "munge", "--", DAEMONS[0], f"--socket={munge / 'munge.socket'}",
                 f"--key-file={key}", f"--pid-file={pid_files[0]}", f"--log-file={munge / 'munged.log'}",

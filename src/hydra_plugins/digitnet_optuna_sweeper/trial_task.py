@@ -26,6 +26,7 @@ from digitnet.sweep.study import heartbeat, open_storage
 
 OUTCOME = "outcome"  # user attr: {"state": "COMPLETE", "values": [...]} / PRUNED / FAIL + error
 WORKER = "worker"  # user attr "<host>:<pid>", set once the job starts
+JOB = "job"  # user attr: the launcher's job id (hydra.job.id, e.g. the SLURM job of submitit)
 
 
 @dataclass
@@ -50,7 +51,8 @@ class TrialTask:
         study = self.study
         storage = open_storage(study.storage_url, study.heartbeat_interval, study.grace_period)
         # The sweeper puts each trial in <sweep dir>/<trial number>.
-        number = int(HydraConfig.get().sweep.subdir)
+        hydra = HydraConfig.get()
+        number = int(hydra.sweep.subdir)
         trial_id = storage.get_trial_id_from_study_id_trial_number(
             storage.get_study_id_from_name(study.name), number
         )
@@ -62,6 +64,7 @@ class TrialTask:
         def store(outcome: dict[str, Any]) -> None:
             storage.set_trial_user_attr(trial_id, OUTCOME, outcome)
 
+        storage.set_trial_user_attr(trial_id, JOB, hydra.job.id)
         storage.set_trial_user_attr(trial_id, WORKER, f"{socket.gethostname()}:{os.getpid()}")
         with heartbeat(storage, trial_id):
             try:
