@@ -1,5 +1,6 @@
 """The sweeper with the real train.py: example sweeps compose, a tiny real sweep prunes/reports."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,8 @@ def test_tiny_real_sweep_runs_trials_in_parallel_with_joblib(real_data, tmp_path
     assert [a.state, b.state] == [optuna.trial.TrialState.COMPLETE] * 2
     assert a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete
     assert a.user_attrs["worker"] != b.user_attrs["worker"]  # two processes
+    # that share the cores rather than each using them all
+    assert a.user_attrs["torch_threads"] == b.user_attrs["torch_threads"] == max(1, os.cpu_count() // 2)
     for trial in (a, b):
         assert sorted(trial.intermediate_values) == [0, 1]  # pruning reports from the worker
         assert (sweep_dir / str(trial.number) / "metrics.json").is_file()

@@ -12,9 +12,9 @@ import logging
 import math
 import os
 import re
-import time
 import shlex
 import sys
+import time
 from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
@@ -43,7 +43,7 @@ from digitnet.sweep.study import (
 )
 
 from .search_space import Param, SearchSpace, parse_search_space
-from .trial_task import OUTCOME, WORKER, Study, TrialTask
+from .trial_task import OUTCOME, WORKER, StudyAccess, TrialTask
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,8 @@ class DigitnetOptunaSweeper(Sweeper):
                 "nothing to search: set hydra.sweeper.params or sweep on the command line, "
                 "e.g. 'optim.lr=tag(log, interval(1e-4, 1e-1))' or 'model=cnn,mlp'"
             )
+        if conf.n_jobs < 1:
+            raise DigitnetError(f"hydra.sweeper.n_jobs must be at least 1, got {conf.n_jobs}")
         self._check_composes(space)
         directions = [conf.direction] if isinstance(conf.direction, str) else list(conf.direction)
         monitor = self._monitor(directions)
@@ -108,7 +110,7 @@ class DigitnetOptunaSweeper(Sweeper):
         log.info("study %r in %s: %d trials", conf.study_name, storage_url, n_trials)
 
         assert self.task is not None
-        self.task.study = Study(
+        self.task.study = StudyAccess(
             storage_url, study.study_name, len(directions), conf.heartbeat_interval,
             conf.grace_period, self._torch_threads(),
         )
@@ -134,8 +136,6 @@ class DigitnetOptunaSweeper(Sweeper):
         (submitit), else this machine's cores split over the batch. None: leave torch's default."""
         assert self.config is not None
         launcher = self.config.hydra.launcher
-        if self.conf.n_jobs < 1:
-            raise DigitnetError(f"hydra.sweeper.n_jobs must be at least 1, got {self.conf.n_jobs}")
         if self.conf.n_jobs == 1 or launcher._target_.endswith(".BasicLauncher"):
             return None
         return launcher.get("cpus_per_task") or max(1, (os.cpu_count() or 1) // self.conf.n_jobs)

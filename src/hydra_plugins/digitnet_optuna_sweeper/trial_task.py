@@ -26,12 +26,13 @@ from digitnet.sweep.study import heartbeat, open_storage
 
 OUTCOME = "outcome"  # user attr: {"state": "COMPLETE", "values": [...]} / PRUNED / FAIL + error
 WORKER = "worker"  # user attr "<host>:<pid>", set once the job starts
+TORCH_THREADS = "torch_threads"  # user attr: torch's threads in the job, when the sweeper set them
 JOB = "job"  # user attr: the launcher's job id (hydra.job.id, e.g. the SLURM job of submitit)
 
 
 @dataclass
-class Study:
-    """Where the job finds its trial; set by the sweeper before each launch."""
+class StudyAccess:
+    """Where the job finds its trial; set by the sweeper before it launches any."""
 
     storage_url: str
     name: str
@@ -44,28 +45,17 @@ class Study:
 class TrialTask:
     def __init__(self, task_function: TaskFunction) -> None:
         self.task_function = task_function
-        self.study: Study | None = None
+        self.study: StudyAccess | None = None
 
     def __call__(self, cfg: DictConfig) -> Any:
         assert self.study is not None, "the sweeper sets the study before launching"
         study = self.study
         storage = open_storage(study.storage_url, study.heartbeat_interval, study.grace_period)
-        # The sweeper puts each trial in <sweep dir>/<trial number>.
-        hydra = HydraConfig.get()
-        number = int(hydra.sweep.subdir)
-        trial_id = storage.get_trial_id_from_study_id_trial_number(
-            storage.get_study_id_from_name(study.name), number
-        )
-        state = storage.get_trial(trial_id).state
-        if state.is_finished():  # e.g. a queued job the sweeper already gave up on
-            raise RuntimeError(f"trial {number} already ended as {state.name}")
-        self._limit_torch_threads()
+        trial_id = self._start(storage)
 
         def store(outcome: dict[str, Any]) -> None:
             storage.set_trial_user_attr(trial_id, OUTCOME, outcome)
 
-        storage.set_trial_user_attr(trial_id, JOB, hydra.job.id)
-        storage.set_trial_user_attr(trial_id, WORKER, f"{socket.gethostname()}:{os.getpid()}")
         with heartbeat(storage, trial_id):
             try:
                 returned = self.task_function(cfg)
@@ -78,6 +68,24 @@ class TrialTask:
             store(self._returned(returned))
         return returned
 
+    def _start(self, storage: optuna.storages.BaseStorage) -> int:
+        """This job's trial id, after checking the trial still waits for it and noting who runs it."""
+        assert self.study is not None
+        hydra = HydraConfig.get()
+        number = int(hydra.sweep.subdir)  # the sweeper puts trial k in <sweep dir>/k
+        trial_id = storage.get_trial_id_from_study_id_trial_number(
+            storage.get_study_id_from_name(self.study.name), number
+        )
+        state = storage.get_trial(trial_id).state
+        if state.is_finished():  # e.g. a queued job the sweeper already gave up on
+            raise RuntimeError(f"trial {number} already ended as {state.name}")
+        threads = self._limit_torch_threads()
+        if threads is not None:
+            storage.set_trial_user_attr(trial_id, TORCH_THREADS, threads)
+        storage.set_trial_user_attr(trial_id, JOB, hydra.job.id)
+        storage.set_trial_user_attr(trial_id, WORKER, f"{socket.gethostname()}:{os.getpid()}")
+        return trial_id
+
     def _returned(self, returned: Any) -> dict[str, Any]:
         assert self.study is not None
         try:
@@ -85,11 +93,15 @@ class TrialTask:
         except ValueError as err:
             return {"state": "FAIL", "error": str(err)}
 
-    def _limit_torch_threads(self) -> None:
-        # Only when the task uses torch (train.py imports it); importing it here would cost seconds.
+    def _limit_torch_threads(self) -> int | None:
+        """The job's torch threads once limited, or None when the task does not use torch (train.py
+        imports it; importing it here would cost seconds) or needs no limit."""
         threads = self.study.torch_threads if self.study else None
-        if threads and "torch" in sys.modules:
-            sys.modules["torch"].set_num_threads(threads)
+        torch = sys.modules.get("torch")
+        if not threads or torch is None:
+            return None
+        torch.set_num_threads(threads)
+        return torch.get_num_threads()
 
 
 def objective_values(returned: Any, n_objectives: int) -> list[float]:
