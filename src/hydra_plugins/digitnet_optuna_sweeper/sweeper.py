@@ -262,6 +262,7 @@ class _TrialRunner:
         first lost job): wait until each started one stored its outcome or stopped beating."""
         poll = min(self.storage.get_heartbeat_interval() or 2, 2)
         while True:
+            # Optuna's staleness test; its public fail_stale_trials would end them without our error
             stale = set(self.storage._get_stale_trial_ids(self.study._study_id))
             attrs = [self.storage.get_trial(t._trial_id).user_attrs for t in batch]
             if not any(
