@@ -106,6 +106,7 @@ def test_sweep_writes_report_resumes_and_extends(tmp_path):
         (["x=interval(0.8,0.2)"], r"x: interval\(0.8, 0.2\) is empty"),
         (["x=interval(0,1)", "hydra.sweeper.storage=postgresql+psycopg2://u@127.0.0.1:9/db"],
          "cannot open sweep storage"),
+        (["x=interval(0,1)", "hydra.sweeper.n_jobs=0"], "hydra.sweeper.n_jobs must be at least 1, got 0"),
         (["x=interval(0,1)", "optimized_metric=[val/acc_best,params]",
           "hydra.sweeper.direction=[maximize,minimize]"], "Optuna cannot prune multi-objective"),
     ],
