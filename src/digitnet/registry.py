@@ -95,16 +95,16 @@ def resolve_url(url: str | None = None) -> str:
         parsed = sa.engine.make_url(url)
     except exc.ArgumentError:
         raise DigitnetError(f"registry url {url!r} is not a SQLAlchemy URL (e.g. {DEFAULT_URL})") from None
-    if _sqlite_file(parsed):
+    if sqlite_file(parsed):
         parsed = parsed.set(database=str(Path(parsed.database).expanduser().absolute()))
     return parsed.render_as_string(hide_password=False)
 
 
-def _sqlite_file(url: sa.URL) -> bool:
+def sqlite_file(url: sa.URL) -> bool:
     return url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:")
 
 
-def _sqlite_engine(url: str) -> sa.Engine:
+def sqlite_engine(url: str) -> sa.Engine:
     engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_SECONDS})
 
     @sa.event.listens_for(engine, "connect")
@@ -143,14 +143,14 @@ class Registry:
     def __init__(self, url: str | None = None, create: bool = False):
         self.url = resolve_url(url)
         engine_url = sa.engine.make_url(self.url)
-        if _sqlite_file(engine_url):
+        if sqlite_file(engine_url):
             if create:
                 Path(engine_url.database).parent.mkdir(parents=True, exist_ok=True)
             elif not Path(engine_url.database).is_file():
                 raise self._missing(engine_url.database, "the file does not exist")
         try:
             self.engine = (
-                _sqlite_engine(self.url) if engine_url.get_backend_name() == "sqlite" else sa.create_engine(self.url)
+                sqlite_engine(self.url) if engine_url.get_backend_name() == "sqlite" else sa.create_engine(self.url)
             )
         except (exc.ArgumentError, exc.NoSuchModuleError, ImportError) as err:
             raise DigitnetError(f"cannot open registry {self.shown_url}: {err}") from None
