@@ -152,7 +152,7 @@ def test_bad_stores_are_one_clear_error(url, tiny, capsys):
 
     with pytest.raises(DigitnetError, match=f"no table 'nope' at .*digitnet data push mnist --url URL --table nope"):
         _module(url, "nope").prepare_data()
-    with pytest.raises(DigitnetError, match=rf"table '{wrong}' .* has columns \['id', 'image'\].* --table"):
+    with pytest.raises(DigitnetError, match=rf"table '{wrong}' .* has columns \['id', 'image'\].*choose another table name"):
         _module(url, wrong).setup("fit")
     with pytest.raises(DigitnetError, match=f"table '{empty}' .* has no split 'train'; push them"):
         _module(url, empty).setup("fit")
@@ -178,3 +178,72 @@ def test_data_command_errors(tmp_path, capsys):
     assert not (tmp_path / "none.db").exists()  # reading creates nothing
     code, _, err = _data(capsys, "push", "mnist", "--url", "nonsense", "-q")
     assert code == 2 and err == "error: data url 'nonsense' is not a SQLAlchemy URL (e.g. sqlite:///digits.db)\n"
+
+
+# ---------------------------------------------------------------------------- predictions into the database
+
+
+@pytest.fixture(scope="module")
+def trained(real_data, tmp_path_factory):
+    from tiny_run import tiny_run
+
+    return tiny_run(tmp_path_factory)
+
+
+def _predictions(url: str, table: str) -> list[dict]:
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        rows = [dict(r._mapping) for r in conn.execute(sa.text(f"SELECT * FROM {table} ORDER BY model_id, input_id"))]
+    engine.dispose()
+    return rows
+
+
+def test_predict_from_sql_writes_one_row_per_input_and_model(trained, url, tmp_path, capsys):
+    images, labels = load_split("mnist", "test")
+    np.save(tmp_path / "inbox.npy", images[:40].numpy())
+    table = _table()
+    assert _data(capsys, "push-unlabelled", str(tmp_path / "inbox.npy"), "--url", url, "--table", table, "-q")[0] == 0
+
+    def predict(model: str) -> str:
+        code = cli.main(["predict", model, "--db", trained.registry_url, "--from-sql", url, "--table", table, "-q"])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return out
+
+    out = predict(trained.record_id[:8])
+    assert re.fullmatch(rf"wrote 40 predictions of registry model {trained.record_id[:8]} .* into table "
+                        rf"'{table}_predictions' at .*\n", out)
+    first = _predictions(url, f"{table}_predictions")
+    predict(trained.record_id)  # the same model again: its rows are replaced, not added
+    again = _predictions(url, f"{table}_predictions")
+    assert len(first) == len(again) == 40 and again[0]["created"] > first[0]["created"]
+    assert [r["input_id"] for r in again] == list(range(40)) and {r["input_split"] for r in again} == {UNLABELLED}
+    assert {r["model_id"] for r in again} == {trained.record_id}
+
+    from digitnet.classifier import load_classifier
+
+    expected = load_classifier(str(trained.checkpoint)).probabilities(images[:40, None].float() / 255)
+    probs = torch.tensor([json.loads(r["probabilities"]) if isinstance(r["probabilities"], str) else r["probabilities"]
+                          for r in again])
+    assert torch.allclose(probs, expected, atol=1e-6)
+    assert [r["predicted"] for r in again] == expected.argmax(1).tolist()
+    assert [r["class_name"] for r in again] == [str(k) for k in expected.argmax(1).tolist()]
+    assert torch.allclose(torch.tensor([r["confidence"] for r in again]), expected.max(1).values, atol=1e-6)
+    assert (expected.argmax(1) == labels[:40]).float().mean() > 0.7
+
+    predict(str(trained.onnx))  # another model adds its own rows beside the first one's
+    rows = _predictions(url, f"{table}_predictions")
+    assert len(rows) == 80 and {r["model_id"] for r in rows} == {trained.record_id, str(trained.onnx.resolve())}
+
+
+def test_predict_from_sql_errors(trained, url, capsys):
+    table = _table()
+    for argv, message in (
+        (["--from-sql", url], "error: --from-sql takes --table T and no input files\n"),
+        (["--from-sql", url, "--table", table], f"error: no (table '{table}'|database) at "),  # a new SQLite: no file
+    ):
+        assert cli.main(["predict", trained.record_id, "--db", trained.registry_url, *argv]) == 2
+        assert re.match(message, capsys.readouterr().err)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["predict", trained.record_id])
+    assert exit_.value.code == 2 and "give inputs, or --from-sql URL --table T" in capsys.readouterr().err

@@ -23,6 +23,7 @@ class Classifier:
     class_names: list[str]
     data_name: str
     source: str  # what was loaded, for messages and reports
+    model_id: str = ""  # the registry id, or the model file's absolute path (predictions stored in SQL name it)
 
 
 def default_device() -> torch.device:
@@ -72,12 +73,14 @@ def classifier_from_record(record, device: torch.device | None = None) -> Classi
     if record.checkpoint and Path(record.checkpoint).is_file():
         classifier = classifier_from_checkpoint(record.checkpoint, device)
         classifier.source = f"registry model {record.id[:8]} ({record.checkpoint})"
-        return classifier
-    if record.onnx:
-        return classifier_from_onnx(record.onnx, f"registry model {record.id[:8]} (stored ONNX)")
-    raise DigitnetError(
-        f"registry model {record.id[:8]}: checkpoint {record.checkpoint} is gone and no ONNX bytes are stored"
-    )
+    elif record.onnx:
+        classifier = classifier_from_onnx(record.onnx, f"registry model {record.id[:8]} (stored ONNX)")
+    else:
+        raise DigitnetError(
+            f"registry model {record.id[:8]}: checkpoint {record.checkpoint} is gone and no ONNX bytes are stored"
+        )
+    classifier.model_id = record.id
+    return classifier
 
 
 def load_classifier(spec: str, registry_url: str | None = None, device: torch.device | None = None,
@@ -88,7 +91,10 @@ def load_classifier(spec: str, registry_url: str | None = None, device: torch.de
 
     path = Path(spec)
     if path.is_file():
-        return classifier_from_onnx(path, str(path)) if path.suffix == ".onnx" else classifier_from_checkpoint(path, device)
+        classifier = (classifier_from_onnx(path, str(path)) if path.suffix == ".onnx"
+                      else classifier_from_checkpoint(path, device))
+        classifier.model_id = str(path.resolve())
+        return classifier
     if path.suffix in (".ckpt", ".onnx") or os.sep in spec:
         raise DigitnetError(f"model file {spec} not found")
     with Registry(registry_url) as registry:

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,6 @@ from digitnet.registry import sqlite_engine, sqlite_file
 PIXELS = 28 * 28
 UNLABELLED = "predict"  # the split of rows pushed without labels
 BATCH_ROWS = 10_000  # rows per executemany / COPY chunk (and progress bar step)
-COLUMNS = ("split", "id", "label", "pixels")
 
 
 def table_of(name: str, metadata: sa.MetaData | None = None) -> sa.Table:
@@ -44,10 +44,27 @@ def table_of(name: str, metadata: sa.MetaData | None = None) -> sa.Table:
     )
 
 
+def predictions_table_of(name: str) -> sa.Table:
+    """One row per (input row, model): re-running a model replaces its rows."""
+    return sa.Table(
+        name,
+        sa.MetaData(),
+        sa.Column("input_split", sa.String(16), primary_key=True),
+        sa.Column("input_id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("model_id", sa.String(512), primary_key=True),
+        sa.Column("predicted", sa.Integer, nullable=False),  # class index
+        sa.Column("class_name", sa.String(128), nullable=False),
+        sa.Column("confidence", sa.Float, nullable=False),
+        sa.Column("probabilities", sa.JSON, nullable=False),  # one per class, in class order
+        sa.Column("created", sa.DateTime(timezone=True), nullable=False),
+    )
+
+
 @dataclass
 class Rows:
-    """One split's rows: ids int64 [N], images uint8 [N,28,28], labels int64 [N] (None: unlabelled)."""
+    """Rows of a table: their splits and ids, images uint8 [N,28,28], labels int64 [N] (None: unlabelled)."""
 
+    splits: list[str]
     ids: torch.Tensor
     images: torch.Tensor
     labels: torch.Tensor | None
@@ -97,16 +114,17 @@ class Store:
             reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
             raise DigitnetError(f"{self.where}: {reason}; check the URL and that the database is running") from None
 
-    def check_table(self, conn: sa.Connection) -> None:
-        """The table exists and has exactly the store's columns."""
+    def check_table(self, conn: sa.Connection, table: sa.Table | None = None) -> None:
+        """The data table (or `table`) exists and has exactly its columns."""
+        table = self.table if table is None else table
+        where = f"table {table.name!r} at {self.shown_url}"
         inspector = sa.inspect(conn)
-        if not inspector.has_table(self.table.name):
-            raise DigitnetError(f"no {self.where}; push one with "
-                                f"`digitnet data push mnist --url URL --table {self.table.name}`")
-        found = sorted(c["name"] for c in inspector.get_columns(self.table.name))
-        if found != sorted(COLUMNS):
-            raise DigitnetError(f"{self.where} has columns {found}, not {sorted(COLUMNS)}: it is not a digitnet "
-                                "data table; push into another table with --table")
+        if not inspector.has_table(table.name):
+            raise DigitnetError(f"no {where}; push one with `digitnet data push mnist --url URL --table {table.name}`")
+        found = sorted(c["name"] for c in inspector.get_columns(table.name))
+        if found != sorted(table.c.keys()):
+            raise DigitnetError(f"{where} has columns {found}, not {sorted(table.c.keys())}: it is not one of "
+                                "digitnet's tables; choose another table name")
 
     # ------------------------------------------------------------------ writing
 
@@ -169,15 +187,16 @@ class Store:
         """The rows of `split` in id order (`labelled`: every row must have a label), or with
         `split=None` every unlabelled row. An empty selection is an error."""
         t = self.table
-        query = sa.select(t.c.id, t.c.label, t.c.pixels).order_by(t.c.split, t.c.id)
+        query = sa.select(t.c.split, t.c.id, t.c.label, t.c.pixels).order_by(t.c.split, t.c.id)
         query = query.where(t.c.split == split) if split is not None else query.where(t.c.label.is_(None))
         with self.transaction() as conn:
             self.check_table(conn)
             rows = conn.execute(query).all()
-        ids, labels, blobs = (tuple(column) for column in zip(*rows)) if rows else ((), (), ())
-        return self._rows(split, ids, labels, blobs, labelled)
+        splits, ids, labels, blobs = (tuple(column) for column in zip(*rows)) if rows else ((), (), (), ())
+        return self._rows(split, splits, ids, labels, blobs, labelled)
 
-    def _rows(self, split: str | None, ids: tuple, labels: tuple, blobs: tuple, labelled: bool) -> Rows:
+    def _rows(self, split: str | None, splits: tuple, ids: tuple, labels: tuple, blobs: tuple,
+              labelled: bool) -> Rows:
         what = f"split {split!r}" if split else "unlabelled rows"
         if not ids:
             raise DigitnetError(f"{self.where} has no {what}; push them with `digitnet data push`")
@@ -189,7 +208,31 @@ class Store:
             raise DigitnetError(f"{self.where}: {what} row id={ids[labels.index(None)]} has no label; "
                                 "training needs every train and test row labelled")
         images = torch.from_numpy(np.frombuffer(b"".join(blobs), np.uint8).reshape(-1, 28, 28).copy())
-        return Rows(torch.tensor(ids), images, torch.tensor(labels) if labelled else None)
+        return Rows(list(splits), torch.tensor(ids), images, torch.tensor(labels) if labelled else None)
+
+    def write_predictions(self, table: str, rows: Rows, model_id: str, probs: torch.Tensor,
+                          class_names: list[str], progress: bool = True) -> sa.Table:
+        """Replace `model_id`'s predictions for the splits of `rows` by these, in one transaction."""
+        predictions = predictions_table_of(table)
+        confidence, predicted = probs.max(1)
+        created = datetime.now(timezone.utc)
+        values = [
+            {"input_split": split, "input_id": i, "model_id": model_id, "predicted": k, "class_name": class_names[k],
+             "confidence": c, "probabilities": p, "created": created}
+            for split, i, k, c, p in zip(rows.splits, rows.ids.tolist(), predicted.tolist(), confidence.tolist(),
+                                         probs.tolist())
+        ]
+        with self.transaction() as conn:
+            predictions.create(conn, checkfirst=True)
+            self.check_table(conn, predictions)
+            conn.execute(predictions.delete().where(predictions.c.model_id == model_id,
+                                                    predictions.c.input_split.in_(set(rows.splits))))
+            with tqdm(total=len(values), desc=table, unit=" rows", file=sys.stderr, disable=not progress,
+                      leave=False) as bar:
+                for start in range(0, len(values), BATCH_ROWS):
+                    conn.execute(predictions.insert(), values[start : start + BATCH_ROWS])
+                    bar.update(len(values[start : start + BATCH_ROWS]))
+        return predictions
 
 
 class SqlDataModule(DigitDataModule):
