@@ -31,10 +31,12 @@ def default_device() -> torch.device:
     return torch.accelerator.current_accelerator(check_available=True) or torch.device("cpu")
 
 
-def classifier_from_checkpoint(path: str | Path, device: torch.device | None = None) -> Classifier:
-    from digitnet.checkpoint import load_checkpoint  # handles torch.compile'd keys and foreign files
+def classifier_from_checkpoint(path: str | Path, device: torch.device | None = None,
+                               checkpoint: bytes | None = None) -> Classifier:
+    """A checkpoint file's model, or (`checkpoint`) that of checkpoint bytes named `path`."""
+    from digitnet.checkpoint import load_checkpoint_from  # handles torch.compile'd keys and foreign files
 
-    module = load_checkpoint(path)
+    module = load_checkpoint_from(Path(path) if checkpoint is None else checkpoint, str(path))
     device = device or default_device()
     net = module.net.to(device).eval()
 
@@ -69,8 +71,11 @@ def classifier_from_onnx(model: str | Path | bytes, source: str) -> Classifier:
 
 
 def classifier_from_record(record, device: torch.device | None = None) -> Classifier:
-    """A registry record's checkpoint if it is still on disk, else its stored ONNX bytes."""
-    if record.checkpoint and Path(record.checkpoint).is_file():
+    """A registry record's stored checkpoint, else its checkpoint file if still on disk, else its stored ONNX bytes."""
+    if record.ckpt:
+        classifier = classifier_from_checkpoint(f"registry model {record.id[:8]} (stored checkpoint)", device,
+                                                record.ckpt)
+    elif record.checkpoint and Path(record.checkpoint).is_file():
         classifier = classifier_from_checkpoint(record.checkpoint, device)
         classifier.source = f"registry model {record.id[:8]} ({record.checkpoint})"
     elif record.onnx:
@@ -103,4 +108,4 @@ def load_classifier(spec: str, registry_url: str | None = None, device: torch.de
                                    dataset=spec[5:] or None)
         else:
             record = registry.get(spec)
-        return classifier_from_record(registry.get(record.id, with_onnx=True), device)
+        return classifier_from_record(registry.get(record.id, with_onnx=True, with_ckpt=True), device)
