@@ -111,8 +111,11 @@ class Store:
                 yield conn
         # unreachable server, wrong password, locked file, not a database... (COPY raises the driver's own errors)
         except (exc.DBAPIError, self.engine.dialect.loaded_dbapi.Error) as err:
-            reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
-            raise DigitnetError(f"{self.where}: {reason}; check the URL and that the database is running") from None
+            orig = getattr(err, "orig", None) or err
+            reason = str(orig).strip().splitlines()[0]
+            if isinstance(orig, self.engine.dialect.loaded_dbapi.OperationalError):  # not a rule the data broke
+                reason += "; check the URL and that the database is running"
+            raise DigitnetError(f"{self.where}: {reason}") from None
 
     def check_table(self, conn: sa.Connection, table: sa.Table | None = None) -> None:
         """The data table (or `table`) exists and has exactly its columns."""
