@@ -69,6 +69,23 @@ def test_push_mnist_writes_all_rows_once_in_file_order(real_data, url, capsys):
             assert torch.equal(rows.ids, torch.arange(len(labels)))
 
 
+def test_push_custom_stores_the_prepared_folder_with_its_class_order(real_data, url, tmp_path, monkeypatch, capsys):
+    from test_custom_data import _folder
+
+    images, labels = load_split("mnist", "test")
+    monkeypatch.setenv("DIGITNET_DATA", str(tmp_path))
+    _folder(tmp_path, {"3": 12, "8": 12}, (images.numpy(), labels.numpy()))
+    table = _table()
+    code, out, err = _data(capsys, "push", "custom", "--class-names", "8,3", "--url", url, "--table", table, "-q")
+    assert code == 0, err
+    with Store(url, table) as store:
+        for split in ("train", "test"):
+            expected_images, expected_labels = load_split("custom", split, class_names=["8", "3"])
+            rows = store.read(split)
+            assert torch.equal(rows.images, expected_images) and torch.equal(rows.labels, expected_labels)
+    assert _counts(url, table) == {"train": (20, 20), "test": (4, 4)}
+
+
 _files_result: dict = {}
 
 
