@@ -23,8 +23,8 @@ def registry_checkpoint(spec: str, registry_url: str | None = None) -> tuple[str
         return record.id, record.ckpt
     if record.checkpoint and Path(record.checkpoint).is_file():
         return record.id, Path(record.checkpoint)
-    raise DigitnetError(f"registry model {record.id[:8]} has no checkpoint stored (recorded with registry.store_checkpoint=false or by an "
-                        f"older digitnet) and its file {record.checkpoint} is gone")
+    raise DigitnetError(f"registry model {record.id[:8]} has no checkpoint stored (recorded with "
+                        f"registry.store_checkpoint=false or by an older digitnet) and its file {record.checkpoint} is gone")
 
 
 def _is_file_spec(spec: str | Path) -> bool:

@@ -185,20 +185,23 @@ class Registry:
         with self._transaction() as conn:
             return sa.inspect(conn).has_table(MODELS.name)
 
+    def _column_names(self) -> set[str]:
+        with self._transaction() as conn:
+            return {c["name"] for c in sa.inspect(conn).get_columns(MODELS.name)}
+
     def _columns(self, create: bool) -> set[str]:
         """The table's columns; a registry from before a column existed gets it when training writes to it."""
-        with self._transaction() as conn:
-            found = {c["name"] for c in sa.inspect(conn).get_columns(MODELS.name)}
-        for column in MODELS.c:
-            if create and column.name not in found:
-                try:
-                    with self._transaction() as conn:
-                        kind = column.type.compile(dialect=conn.dialect)
-                        conn.exec_driver_sql(f"ALTER TABLE {MODELS.name} ADD COLUMN {column.name} {kind}")
-                except DigitnetError:  # a parallel worker added it first
-                    pass
-                found.add(column.name)
-        return found
+        found = self._column_names()
+        missing = [c for c in MODELS.c if c.name not in found] if create else []
+        for column in missing:
+            try:
+                with self._transaction() as conn:
+                    kind = column.type.compile(dialect=conn.dialect)
+                    conn.exec_driver_sql(f"ALTER TABLE {MODELS.name} ADD COLUMN {column.name} {kind}")
+            except DigitnetError:
+                if column.name not in self._column_names():  # else a parallel worker added it first
+                    raise
+        return self._column_names() if missing else found
 
     def _select(self, blobs: Sequence[str] = ()) -> list:
         """The columns to read: all but the blobs not asked for, and the stored checkpoint's size."""
