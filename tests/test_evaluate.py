@@ -154,7 +154,7 @@ def test_eval_by_registry_id_and_best(trained, tmp_path):
     b = evaluate(eval_config("ckpt_path=best", f"registry.url={trained.registry_url}", "data.limit=300",
                              "tensorboard=false", output_dir=tmp_path / "best"))
     assert a == b and (tmp_path / "best" / "report.md").is_file()
-    assert f"Model: `registry model {trained.record_id[:8]} ({trained.checkpoint})`" in (tmp_path / "best" / "report.md").read_text()
+    assert f"Model: `registry model {trained.record_id[:8]} (stored checkpoint)`" in (tmp_path / "best" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("override, message", [

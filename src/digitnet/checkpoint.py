@@ -1,9 +1,10 @@
-"""Loading digitnet checkpoints, with one clear error for anything that is not one."""
+"""Loading digitnet checkpoints, from files or the registry, with one clear error for anything that is not one."""
 
 from __future__ import annotations
 
 import io
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,15 +20,58 @@ from digitnet.errors import DigitnetError
 log = logging.getLogger(__name__)
 
 
-def load_checkpoint(path: str | Path) -> L.LightningModule:
-    """A DigitClassifier from a checkpoint on the CPU; foreign or broken files give a DigitnetError."""
+def registry_checkpoint(spec: str, registry_url: str | None = None) -> tuple[str, bytes | Path]:
+    """The checkpoint of registry model `spec` (an id or unique prefix): its stored bytes, else its
+    file if that is still on disk. Returns (the model's full id, the bytes or the path)."""
+    from digitnet.registry import Registry
+
+    with Registry(registry_url) as registry:
+        record = registry.get(spec, with_ckpt=True)
+    if record.ckpt:
+        return record.id, record.ckpt
+    if record.checkpoint and Path(record.checkpoint).is_file():
+        return record.id, Path(record.checkpoint)
+    raise DigitnetError(f"registry model {record.id[:8]} has no checkpoint stored (recorded with "
+                        f"registry.store_checkpoint=false or by an older digitnet) and its file {record.checkpoint} is gone")
+
+
+def _is_file_spec(spec: str | Path) -> bool:
+    """A path rather than a registry id: it exists, or looks like a file name."""
+    return Path(spec).is_file() or Path(spec).suffix == ".ckpt" or os.sep in str(spec)
+
+
+def checkpoint_file(spec: str | Path, registry_url: str | None, folder: Path) -> str:
+    """A checkpoint file for Lightning (which resumes only from files): `spec` itself, or a registry
+    model's stored checkpoint written to `folder`/registry-<id>.ckpt."""
+    if _is_file_spec(spec):
+        return str(spec)
+    record_id, source = registry_checkpoint(str(spec), registry_url)
+    if isinstance(source, Path):
+        return str(source)
+    path = folder / f"registry-{record_id[:8]}.ckpt"
+    write_atomically(path, lambda tmp: tmp.write_bytes(source))
+    return str(path)
+
+
+def load_checkpoint(spec: str | Path, registry_url: str | None = None) -> L.LightningModule:
+    """A DigitClassifier on the CPU from a checkpoint file or a registry id (`registry_url`: default
+    env DIGITNET_REGISTRY or outputs/registry.db); foreign or broken files give a DigitnetError."""
+    if _is_file_spec(spec):
+        if not Path(spec).is_file():
+            raise DigitnetError(f"checkpoint {spec} not found; pass a .ckpt file from a run's checkpoints/ folder "
+                                "or a registry id")
+        return load_checkpoint_from(Path(spec), str(spec))
+    record_id, source = registry_checkpoint(str(spec), registry_url)
+    return load_checkpoint_from(source, f"registry model {record_id[:8]}")
+
+
+def load_checkpoint_from(source: Path | bytes, path: str) -> L.LightningModule:
+    """`load_checkpoint` of a file or of checkpoint bytes; `path` names it in messages."""
     from digitnet.module import DigitClassifier  # the module pulls in Lightning's full stack
 
-    path = Path(path)
-    if not path.is_file():
-        raise DigitnetError(f"checkpoint {path} not found; pass a .ckpt file from a run's checkpoints/ folder")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(io.BytesIO(source) if isinstance(source, bytes) else source,
+                                map_location="cpu", weights_only=True)
     except Exception as err:  # not a zip/pickle at all, or pickled objects that are not weights
         raise DigitnetError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__})") from None
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None

@@ -23,6 +23,7 @@ class Classifier:
     class_names: list[str]
     data_name: str
     source: str  # what was loaded, for messages and reports
+    model_id: str = ""  # the registry id, or the model file's absolute path (predictions stored in SQL name it)
 
 
 def default_device() -> torch.device:
@@ -30,10 +31,12 @@ def default_device() -> torch.device:
     return torch.accelerator.current_accelerator(check_available=True) or torch.device("cpu")
 
 
-def classifier_from_checkpoint(path: str | Path, device: torch.device | None = None) -> Classifier:
-    from digitnet.checkpoint import load_checkpoint  # handles torch.compile'd keys and foreign files
+def classifier_from_checkpoint(path: str | Path, device: torch.device | None = None,
+                               checkpoint: bytes | None = None) -> Classifier:
+    """A checkpoint file's model, or (`checkpoint`) that of checkpoint bytes named `path`."""
+    from digitnet.checkpoint import load_checkpoint_from  # handles torch.compile'd keys and foreign files
 
-    module = load_checkpoint(path)
+    module = load_checkpoint_from(Path(path) if checkpoint is None else checkpoint, str(path))
     device = device or default_device()
     net = module.net.to(device).eval()
 
@@ -68,16 +71,21 @@ def classifier_from_onnx(model: str | Path | bytes, source: str) -> Classifier:
 
 
 def classifier_from_record(record, device: torch.device | None = None) -> Classifier:
-    """A registry record's checkpoint if it is still on disk, else its stored ONNX bytes."""
-    if record.checkpoint and Path(record.checkpoint).is_file():
+    """A registry record's stored checkpoint, else its checkpoint file if still on disk, else its stored ONNX bytes."""
+    if record.ckpt:
+        classifier = classifier_from_checkpoint(f"registry model {record.id[:8]} (stored checkpoint)", device,
+                                                record.ckpt)
+    elif record.checkpoint and Path(record.checkpoint).is_file():
         classifier = classifier_from_checkpoint(record.checkpoint, device)
         classifier.source = f"registry model {record.id[:8]} ({record.checkpoint})"
-        return classifier
-    if record.onnx:
-        return classifier_from_onnx(record.onnx, f"registry model {record.id[:8]} (stored ONNX)")
-    raise DigitnetError(
-        f"registry model {record.id[:8]}: checkpoint {record.checkpoint} is gone and no ONNX bytes are stored"
-    )
+    elif record.onnx:
+        classifier = classifier_from_onnx(record.onnx, f"registry model {record.id[:8]} (stored ONNX)")
+    else:
+        raise DigitnetError(
+            f"registry model {record.id[:8]}: checkpoint {record.checkpoint} is gone and no ONNX bytes are stored"
+        )
+    classifier.model_id = record.id
+    return classifier
 
 
 def load_classifier(spec: str, registry_url: str | None = None, device: torch.device | None = None,
@@ -88,7 +96,10 @@ def load_classifier(spec: str, registry_url: str | None = None, device: torch.de
 
     path = Path(spec)
     if path.is_file():
-        return classifier_from_onnx(path, str(path)) if path.suffix == ".onnx" else classifier_from_checkpoint(path, device)
+        classifier = (classifier_from_onnx(path, str(path)) if path.suffix == ".onnx"
+                      else classifier_from_checkpoint(path, device))
+        classifier.model_id = str(path.resolve())
+        return classifier
     if path.suffix in (".ckpt", ".onnx") or os.sep in spec:
         raise DigitnetError(f"model file {spec} not found")
     with Registry(registry_url) as registry:
@@ -97,4 +108,4 @@ def load_classifier(spec: str, registry_url: str | None = None, device: torch.de
                                    dataset=spec[5:] or None)
         else:
             record = registry.get(spec)
-        return classifier_from_record(registry.get(record.id, with_onnx=True), device)
+        return classifier_from_record(registry.get(record.id, with_onnx=True, with_ckpt=True), device)

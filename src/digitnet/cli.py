@@ -49,6 +49,7 @@ COMMANDS = {
     "export": ("digitnet.export", "write a verified model.onnx from a checkpoint"),
     "sweep-report": ("digitnet.sweep.report", "write best.yaml, trials.csv and plots of a stored Optuna study"),
     "models": ("digitnet.registry_cli", "list, show, rank, tag and remove models recorded by training runs"),
+    "data": ("digitnet.data.sql_cli", "push datasets into a SQL database (SQLite, PostgreSQL, ...) to train from"),
     "predict": ("digitnet.predict", "classify image files, folders, IDX or .npy files with a trained model"),
     "serve": ("digitnet.serve", "a drawing pad in the browser: live predictions, collect drawings for data=custom"),
 }

@@ -1,7 +1,8 @@
 """ONNX export + verification for the digit-classification exercise (contract: DESIGN.md).
 
 `export_onnx(module, path)` writes the graph `net + softmax` (input `input` float32 [1,1,28,28],
-output `output` float32 [1,10] probabilities, opset 17, IR version 8), verifies it against
+output `output` float32 [1,K] probabilities for K classes, opset 17, IR version 8; MNIST models
+must have the exercise's K = 10, checked by `OnnxExport` before training), verifies it against
 PyTorch on the real test set and only then writes the file. `export_checkpoint` does the same
 for a checkpoint file, `OnnxExport` at the end of every fit, `main` for `digitnet export`.
 """
@@ -36,7 +37,8 @@ log = logging.getLogger(__name__)
 
 OPSET = 17  # the exercise's onnxruntime 1.15/1.16 supports opset <= 17 ...
 IR_VERSION = 8  # ... and IR version <= 8
-NUM_CLASSES = 10  # the exercise takes argmax over exactly ten probabilities
+NUM_CLASSES = 10  # the exercise takes argmax over exactly ten probabilities ...
+EXERCISE_DATASETS = ("mnist",)  # ... of MNIST-style digits; other datasets export [1,K] for their K classes
 MAX_PROB_DIFF = 1e-5
 VERIFY_BATCH = 1000
 INPUT_CONVENTION = (
@@ -104,15 +106,20 @@ def _probabilities_net(module: nn.Module) -> nn.Module:
     return nn.Sequential(copy.deepcopy(net).cpu(), nn.Softmax(dim=1)).eval()
 
 
-def _check_output(model: nn.Module, class_names: list[str]) -> None:
-    """The exercise's shape, and probabilities for a blank frame (the client's std-0 case)."""
+def _check_output(model: nn.Module, class_names: list[str], data_name: str) -> None:
+    """One probability per class ([1,10] for the exercise's datasets), and probabilities for a blank
+    frame (the client's std-0 case)."""
     with torch.inference_mode():
         probs = model(torch.zeros(1, 1, 28, 28))
     shape = list(probs.shape)
-    if shape != [1, NUM_CLASSES] or len(class_names) != NUM_CLASSES:
+    if shape != [1, len(class_names)]:
+        raise DigitnetError(f"the model outputs {shape} for {len(class_names)} class names; "
+                            f"it needs [1, {len(class_names)}] (one probability per class)")
+    if data_name in EXERCISE_DATASETS and len(class_names) != NUM_CLASSES:
         raise DigitnetError(
-            f"the model outputs {shape} for {len(class_names)} class names; the exercise needs "
-            f"[1, {NUM_CLASSES}] (one probability per digit class)"
+            f"data.name={data_name} models are for the exercise, whose contract is [1,1,28,28] -> "
+            f"[1, {NUM_CLASSES}] (one probability per digit), but data.class_names lists {len(class_names)} "
+            "classes; use data=custom for another set of classes"
         )
     if not torch.isfinite(probs).all():
         raise DigitnetError("the model outputs NaN for a blank image; its first layer must be PerImageStandardize")
@@ -196,10 +203,9 @@ def export_onnx(
     """
     start = time.perf_counter()
     hparams = module.hparams
-    class_names = [str(c) for c in hparams.get("class_names", range(NUM_CLASSES))]
-    data_name = hparams.get("data_name", "mnist")
+    class_names, data_name = _classes(module)
     model = _probabilities_net(module)
-    _check_output(model, class_names)
+    _check_output(model, class_names, data_name)
     proto = _to_onnx(model, dynamic_batch)
     _check_contract(proto)
 
@@ -225,7 +231,7 @@ def export_onnx(
         "test_accuracy": f"{onnx_acc:.4f}",
         "test_images": str(len(y)),
         "input_convention": INPUT_CONVENTION,
-        "output": "float32 [N,10] class probabilities (softmax), argmax = predicted class",
+        "output": f"float32 [N,{len(class_names)}] class probabilities (softmax), argmax = predicted class",
         "digitnet_version": digitnet.__version__,
     })
     path = Path(path)
@@ -269,6 +275,11 @@ def _quantize(proto: onnx.ModelProto, out: Path) -> onnx.ModelProto:
     return onnx.load(out)
 
 
+def _classes(module: L.LightningModule) -> tuple[list[str], str]:
+    hparams = module.hparams
+    return [str(c) for c in hparams.get("class_names", range(NUM_CLASSES))], hparams.get("data_name", "mnist")
+
+
 def export_checkpoint(checkpoint: str | Path, path: str | Path, **kwargs) -> ExportReport:
     """`export_onnx` for a checkpoint file (kwargs as there)."""
     return export_onnx(load_checkpoint(checkpoint), path, **kwargs)
@@ -295,6 +306,10 @@ class OnnxExport(L.Callback):
         self.filename, self.dirpath = filename, dirpath
         self.options = {"dynamic_batch": dynamic_batch, "int8": int8, "test_images": test_images}
         self.run_metrics: dict = {}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The output contract is checked before training, not after the whole schedule."""
+        _check_output(_probabilities_net(pl_module), *_classes(pl_module))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:

@@ -1,4 +1,5 @@
-"""`digitnet predict <model> <inputs...>`: classify image files, folders, IDX or .npy files.
+"""`digitnet predict <model> <inputs...>`: classify image files, folders, IDX or .npy files,
+or with `--from-sql URL --table T` the rows of a SQL data table, into a predictions table.
 
 The model is a checkpoint (.ckpt), an ONNX file, a registry id (or unique prefix), or `best` /
 `best:<dataset>` (the registry's highest test accuracy over a whole test split). Photos and
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         "A file that cannot be read is reported on stderr and the others are still classified (exit status 1).",
     )
     parser.add_argument("model", help="a .ckpt or .onnx file, a registry id, 'best' or 'best:<dataset>'")
-    parser.add_argument("inputs", nargs="+", help="image files (PNG, JPEG, ...), folders of images, IDX or .npy files")
+    parser.add_argument("inputs", nargs="*", help="image files (PNG, JPEG, ...), folders of images, IDX or .npy files")
     parser.add_argument("-k", "--top-k", type=int, default=3, help="probabilities shown per input (default 3)")
     parser.add_argument("--csv", type=Path, help="write all class probabilities to this CSV instead of printing")
     parser.add_argument("--background", choices=BACKGROUNDS, default="auto",
@@ -181,7 +182,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db", help="registry URL for ids and 'best' (default: env DIGITNET_REGISTRY or outputs/registry.db)")
     parser.add_argument("--include-partial", action="store_true",
                         help="'best' also ranks models tested on part of the test split only (trainer.limit_test_batches)")
+    sql = parser.add_argument_group("inputs from a SQL data table (see `digitnet data`) instead of files")
+    sql.add_argument("--from-sql", metavar="URL", help="SQLAlchemy URL of the database")
+    sql.add_argument("--table", help="the data table whose rows to classify")
+    sql.add_argument("--split", help="classify this split (default: every row without a label)")
+    sql.add_argument("--predictions-table", metavar="NAME",
+                     help="where the predictions go (default: <table>_predictions); a model's earlier rows are replaced")
+    sql.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.from_sql:
+        return _predict_sql(args)
+    if not args.inputs:
+        parser.error("give inputs, or --from-sql URL --table T")
     if args.top_k < 1:
         raise DigitnetError(f"--top-k {args.top_k} must be at least 1")
     for path, flag in ((args.csv, "--csv"), (args.save_prepared, "--save-prepared")):
@@ -208,3 +220,18 @@ def _report(args: argparse.Namespace, inputs: Inputs, classifier: Classifier) ->
     else:
         for name, p in zip(inputs.names, probs):
             print(format_line(name, p, classifier.class_names, args.top_k))
+
+
+def _predict_sql(args: argparse.Namespace) -> int:
+    from digitnet.data.sql import Store
+
+    if args.inputs or not args.table:
+        raise DigitnetError("--from-sql takes --table T and no input files")
+    with Store(args.from_sql, args.table) as store:
+        rows = store.read(args.split, labelled=False)  # checks the table before the model is loaded
+        classifier = load_classifier(args.model, args.db, include_partial=args.include_partial)
+        probs = classifier.probabilities(rows.images[:, None].float() / 255)
+        table = store.write_predictions(args.predictions_table or f"{args.table}_predictions", rows,
+                                        classifier.model_id, probs, classifier.class_names, not args.quiet)
+    print(f"wrote {len(rows.ids)} predictions of {classifier.source} into table {table.name!r} at {store.shown_url}")
+    return 0

@@ -42,12 +42,14 @@ MODELS = sa.Table(
     sa.Column("checkpoint", sa.Text),
     sa.Column("onnx_path", sa.Text),
     sa.Column("onnx", sa.LargeBinary),
+    # the checkpoint file's bytes (weights, optimizer and loop state): resume, fine-tune and export
+    # without outputs/; null when recorded with registry.store_checkpoint=false or before this column
+    sa.Column("ckpt", sa.LargeBinary),
     sa.Column("git_commit", sa.String(64)),
     sa.Column("comment", sa.Text, nullable=False, default=""),
     sa.Column("tags", sa.JSON, nullable=False, default=list),
 )
-# everything but the ONNX blob: listing a thousand models should not read a thousand models
-_SUMMARY_COLUMNS = [c for c in MODELS.c if c.name != "onnx"]
+BLOBS = ("onnx", "ckpt")  # listing a thousand models should not read a thousand models
 
 
 @dataclass
@@ -66,6 +68,8 @@ class ModelRecord:
     comment: str = ""
     tags: list[str] = field(default_factory=list)
     onnx: bytes | None = None  # only filled by Registry.get(..., with_onnx=True)
+    ckpt: bytes | None = None  # only filled by Registry.get(..., with_ckpt=True)
+    ckpt_bytes: int | None = None  # the size of the stored checkpoint (None: none stored)
 
     @property
     def test_images(self) -> tuple[int | None, int | None]:
@@ -95,16 +99,16 @@ def resolve_url(url: str | None = None) -> str:
         parsed = sa.engine.make_url(url)
     except exc.ArgumentError:
         raise DigitnetError(f"registry url {url!r} is not a SQLAlchemy URL (e.g. {DEFAULT_URL})") from None
-    if _sqlite_file(parsed):
+    if sqlite_file(parsed):
         parsed = parsed.set(database=str(Path(parsed.database).expanduser().absolute()))
     return parsed.render_as_string(hide_password=False)
 
 
-def _sqlite_file(url: sa.URL) -> bool:
+def sqlite_file(url: sa.URL) -> bool:
     return url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:")
 
 
-def _sqlite_engine(url: str) -> sa.Engine:
+def sqlite_engine(url: str) -> sa.Engine:
     engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_SECONDS})
 
     @sa.event.listens_for(engine, "connect")
@@ -143,14 +147,14 @@ class Registry:
     def __init__(self, url: str | None = None, create: bool = False):
         self.url = resolve_url(url)
         engine_url = sa.engine.make_url(self.url)
-        if _sqlite_file(engine_url):
+        if sqlite_file(engine_url):
             if create:
                 Path(engine_url.database).parent.mkdir(parents=True, exist_ok=True)
             elif not Path(engine_url.database).is_file():
                 raise self._missing(engine_url.database, "the file does not exist")
         try:
             self.engine = (
-                _sqlite_engine(self.url) if engine_url.get_backend_name() == "sqlite" else sa.create_engine(self.url)
+                sqlite_engine(self.url) if engine_url.get_backend_name() == "sqlite" else sa.create_engine(self.url)
             )
         except (exc.ArgumentError, exc.NoSuchModuleError, ImportError) as err:
             raise DigitnetError(f"cannot open registry {self.shown_url}: {err}") from None
@@ -159,6 +163,7 @@ class Registry:
         elif not self._has_table():
             self.engine.dispose()
             raise self._missing(self.shown_url, f"it has no {MODELS.name} table")
+        self.columns = self._columns(create)
 
     def _missing(self, where: str, why: str) -> DigitnetError:
         return DigitnetError(
@@ -179,6 +184,31 @@ class Registry:
     def _has_table(self) -> bool:
         with self._transaction() as conn:
             return sa.inspect(conn).has_table(MODELS.name)
+
+    def _column_names(self) -> set[str]:
+        with self._transaction() as conn:
+            return {c["name"] for c in sa.inspect(conn).get_columns(MODELS.name)}
+
+    def _columns(self, create: bool) -> set[str]:
+        """The table's columns; a registry from before a column existed gets it when training writes to it."""
+        found = self._column_names()
+        missing = [c for c in MODELS.c if c.name not in found] if create else []
+        for column in missing:
+            try:
+                with self._transaction() as conn:
+                    kind = column.type.compile(dialect=conn.dialect)
+                    conn.exec_driver_sql(f"ALTER TABLE {MODELS.name} ADD COLUMN {column.name} {kind}")
+            except DigitnetError:
+                if column.name not in self._column_names():  # else a parallel worker added it first
+                    raise
+        return self._column_names() if missing else found
+
+    def _select(self, blobs: Sequence[str] = ()) -> list:
+        """The columns to read: all but the blobs not asked for, and the stored checkpoint's size."""
+        columns = [c for c in MODELS.c if c.name in self.columns and (c.name not in BLOBS or c.name in blobs)]
+        if "ckpt" in self.columns:
+            columns.append(sa.func.length(MODELS.c.ckpt).label("ckpt_bytes"))
+        return columns
 
     @property
     def shown_url(self) -> str:
@@ -202,7 +232,7 @@ class Registry:
     # ------------------------------------------------------------------ writing
 
     def add(self, record: ModelRecord) -> str:
-        values = {c.name: getattr(record, c.name) for c in MODELS.c}
+        values = {c.name: getattr(record, c.name) for c in MODELS.c if c.name in self.columns}
         with self._transaction() as conn:
             conn.execute(MODELS.insert().values(**values))
         return record.id
@@ -228,13 +258,13 @@ class Registry:
 
     # ------------------------------------------------------------------ reading
 
-    def get(self, record_id: str, with_onnx: bool = False) -> ModelRecord:
+    def get(self, record_id: str, with_onnx: bool = False, with_ckpt: bool = False) -> ModelRecord:
         """The record whose id is `record_id` or starts with it (like git's short hashes)."""
         with self._transaction() as conn:
-            return self._get(conn, record_id, with_onnx)
+            return self._get(conn, record_id, with_onnx, with_ckpt)
 
-    def _get(self, conn: sa.Connection, record_id: str, with_onnx: bool = False) -> ModelRecord:
-        columns = list(MODELS.c) if with_onnx else _SUMMARY_COLUMNS
+    def _get(self, conn: sa.Connection, record_id: str, with_onnx: bool = False, with_ckpt: bool = False) -> ModelRecord:
+        columns = self._select([name for name, wanted in zip(BLOBS, (with_onnx, with_ckpt)) if wanted])
         prefix = record_id.strip().lower()
         rows = conn.execute(sa.select(*columns).where(MODELS.c.id.startswith(prefix, autoescape=True)).limit(2)).all()
         if not prefix or not rows:
@@ -254,7 +284,7 @@ class Registry:
         descending: bool = True,
     ) -> list[ModelRecord]:
         """Records, newest first, or ordered by metric `sort` (records without it go last)."""
-        query = sa.select(*_SUMMARY_COLUMNS).order_by(MODELS.c.created.desc())
+        query = sa.select(*self._select()).order_by(MODELS.c.created.desc())
         if dataset:
             query = query.where(MODELS.c.dataset == dataset)
         if model:
@@ -311,10 +341,14 @@ def number_or_none(value) -> float | None:
 
 
 def record_run(url: str | None, config: Mapping, metrics: Mapping, run_dir: str | Path) -> str:
-    """Add a finished training run (its resolved config and metrics.json) to the registry; returns its id."""
+    """Add a finished training run (its resolved config and metrics.json) to the registry; returns its id.
+
+    The ONNX file's bytes are stored, and the checkpoint's too unless config registry.store_checkpoint
+    is false (for models too big to keep twice)."""
     run_dir = Path(run_dir).absolute()
     checkpoint = metrics.get("best_checkpoint") or _existing(run_dir / "checkpoints" / "last.ckpt")
     onnx_path = metrics.get("onnx/path") or _existing(run_dir / "model.onnx")
+    store_checkpoint = (config.get("registry") or {}).get("store_checkpoint", True)
     record = ModelRecord(
         id=str(uuid.uuid4()),
         created=datetime.now(timezone.utc),
@@ -327,6 +361,7 @@ def record_run(url: str | None, config: Mapping, metrics: Mapping, run_dir: str 
         checkpoint=str(Path(checkpoint).absolute()) if checkpoint else None,
         onnx_path=str(Path(onnx_path).absolute()) if onnx_path else None,
         onnx=Path(onnx_path).read_bytes() if onnx_path and Path(onnx_path).is_file() else None,
+        ckpt=Path(checkpoint).read_bytes() if store_checkpoint and checkpoint and Path(checkpoint).is_file() else None,
         git_commit=git_commit(),
     )
     with Registry(url, create=True) as registry:

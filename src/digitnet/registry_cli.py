@@ -47,6 +47,7 @@ def _show(record: ModelRecord, with_config: bool) -> None:
         "checkpoint": record.checkpoint,
         "onnx_path": record.onnx_path,
         "onnx_bytes": len(record.onnx) if record.onnx else None,
+        "ckpt_bytes": record.ckpt_bytes,
         "git_commit": record.git_commit,
         "test_images": _tested(record) + ("; `best` skips it without --include-partial" if record.partial_test else ""),
         "tags": ", ".join(record.tags),
@@ -62,11 +63,11 @@ def _show(record: ModelRecord, with_config: bool) -> None:
         print(json.dumps(record.config, indent=2))
 
 
-def _write_onnx(record: ModelRecord, path: Path) -> None:
-    if not record.onnx:
-        raise DigitnetError(f"model {record.id[:8]} has no ONNX bytes stored (its run wrote no model.onnx)")
-    write_atomically(path, lambda tmp: tmp.write_bytes(record.onnx))
-    print(f"wrote {path} ({len(record.onnx)} bytes)")
+def _write_blob(data: bytes | None, path: Path, missing: str) -> None:
+    if not data:
+        raise DigitnetError(missing)
+    write_atomically(path, lambda tmp: tmp.write_bytes(data))
+    print(f"wrote {path} ({len(data)} bytes)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("id", help="model id or a unique prefix of it")
     show.add_argument("--config", action="store_true", help="also print the full training config")
     show.add_argument("--onnx-out", type=Path, help="write the stored ONNX bytes to this file")
+    show.add_argument("--ckpt-out", type=Path, help="write the stored checkpoint to this file")
 
     best = sub.add_parser("best", help="the best model by a metric")
     best.add_argument("--metric", default="test/acc", help="any recorded metric (default test/acc)")
@@ -123,10 +125,14 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             _print_table(records[: args.limit], [m for m in args.metrics.split(",") if m])
         elif args.action == "show":
-            record = registry.get(args.id, with_onnx=True)
+            record = registry.get(args.id, with_onnx=True, with_ckpt=bool(args.ckpt_out))
             if args.onnx_out:
-                _write_onnx(record, args.onnx_out)
-            else:
+                _write_blob(record.onnx, args.onnx_out,
+                            f"model {record.id[:8]} has no ONNX bytes stored (its run wrote no model.onnx)")
+            if args.ckpt_out:
+                _write_blob(record.ckpt, args.ckpt_out, f"model {record.id[:8]} has no checkpoint stored "
+                            "(recorded with registry.store_checkpoint=false or by an older digitnet)")
+            if not (args.onnx_out or args.ckpt_out):
                 _show(record, args.config)
         elif args.action == "best":
             record = registry.best(args.metric, "min" if args.min else "max", args.include_partial,

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from digitnet.atomic import write_atomically
 from digitnet.board import log_hparams
-from digitnet.checkpoint import AtomicCheckpointIO, load_checkpoint_of
+from digitnet.checkpoint import AtomicCheckpointIO, checkpoint_file, load_checkpoint_of
 from digitnet.config import validate
 from digitnet.console import result_line
 from digitnet.ema import EMA
@@ -63,6 +63,16 @@ def init_weights(module: DigitClassifier, path: str) -> None:
     log.info("initialised the weights from %s", path)
 
 
+def use_registry_checkpoints(cfg: DictConfig) -> None:
+    """ckpt_path / init_from may name a registry model: its stored checkpoint, copied into the run dir."""
+    for key in ("ckpt_path", "init_from"):
+        value = cfg[key]
+        if isinstance(value, (int, float)):  # Hydra reads e.g. 7e123456 (a prefix) as a float
+            raise DigitnetError(f"{key}={value} was read as a number; quote a registry id: {key}=\"'<id>'\"")
+        if value is not None:
+            cfg[key] = checkpoint_file(value, cfg.registry.url, Path(cfg.paths.output_dir))
+
+
 def _scalars(trainer: L.Trainer) -> dict:
     return {k: v.item() for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
@@ -82,6 +92,7 @@ def _final_metrics(trainer: L.Trainer, module: DigitClassifier, fit_metrics: dic
 
 def train(cfg: DictConfig) -> float | list[float]:
     """Train as `cfg` says; returns `cfg.optimized_metric` (a list of values for a list of metrics)."""
+    use_registry_checkpoints(cfg)
     validate(cfg)
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
