@@ -40,6 +40,14 @@ def _is_file_spec(spec: str | Path) -> bool:
     return Path(spec).is_file() or Path(spec).suffix == ".ckpt" or os.sep in str(spec)
 
 
+def checkpoint_spec(key: str, value: object) -> str:
+    """A config value naming a checkpoint (file, registry id or prefix) as a string; Hydra reads an
+    unquoted id prefix such as 7e123456 as a number, which cannot be turned back into the id."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        raise DigitnetError(f"{key}={value} was read as a number; quote a registry id: {key}=\"'<id>'\"")
+    return str(value)
+
+
 def checkpoint_file(spec: str | Path, registry_url: str | None, folder: Path) -> str:
     """A checkpoint file for Lightning (which resumes only from files): `spec` itself, or a registry
     model's stored checkpoint written to `folder`/registry-<id>.ckpt."""

@@ -28,6 +28,7 @@ from torchmetrics.functional.classification import (
 from digitnet.data.idx import load_split
 from digitnet.errors import DigitnetError
 from digitnet.atomic import write_atomically
+from digitnet.checkpoint import checkpoint_spec
 from digitnet.classifier import BATCH, Classifier, load_classifier
 from digitnet.config import validate_eval
 from digitnet.console import progress
@@ -208,7 +209,8 @@ def evaluate(cfg: DictConfig) -> float:
         raise DigitnetError("say which model to evaluate: ckpt_path=<.ckpt or .onnx file | registry id | best>")
     validate_eval(cfg)
     run_dir = Path(cfg.paths.output_dir)
-    classifier = load_classifier(str(cfg.ckpt_path), cfg.registry.url, metric=cfg.best_metric)
+    model = checkpoint_spec("ckpt_path", cfg.ckpt_path)
+    classifier = load_classifier(model, cfg.registry.url, metric=cfg.best_metric)
     images, labels = load_split(classifier.data_name, "test", root=cfg.data.root)
     images, labels = images[: cfg.data.limit], labels[: cfg.data.limit]
     x = images[:, None].float() / 255  # the training input convention

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from digitnet.atomic import write_atomically
 from digitnet.board import log_hparams
-from digitnet.checkpoint import AtomicCheckpointIO, checkpoint_file, load_checkpoint_of
+from digitnet.checkpoint import AtomicCheckpointIO, checkpoint_file, checkpoint_spec, load_checkpoint_of
 from digitnet.config import validate
 from digitnet.console import result_line
 from digitnet.ema import EMA
@@ -66,11 +66,8 @@ def init_weights(module: DigitClassifier, path: str) -> None:
 def use_registry_checkpoints(cfg: DictConfig) -> None:
     """ckpt_path / init_from may name a registry model: its stored checkpoint, copied into the run dir."""
     for key in ("ckpt_path", "init_from"):
-        value = cfg[key]
-        if isinstance(value, (int, float)):  # Hydra reads e.g. 7e123456 (a prefix) as a float
-            raise DigitnetError(f"{key}={value} was read as a number; quote a registry id: {key}=\"'<id>'\"")
-        if value is not None:
-            cfg[key] = checkpoint_file(value, cfg.registry.url, Path(cfg.paths.output_dir))
+        if cfg[key] is not None:
+            cfg[key] = checkpoint_file(checkpoint_spec(key, cfg[key]), cfg.registry.url, Path(cfg.paths.output_dir))
 
 
 def _scalars(trainer: L.Trainer) -> dict:
