@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from digitnet.checkpoint import load_checkpoint_of
@@ -30,6 +32,16 @@ def _number(cfg: DictConfig, key: str, integer: bool = False) -> float:
     _require(not isinstance(value, bool) and not math.isnan(number) and (not integer or number.is_integer()),
              f"{key}={value} must be {kind}")
     return int(number) if integer else number
+
+
+def instantiate_checked(node: DictConfig, key: str, **kwargs):
+    """Hydra's instantiate, where a class refusing its arguments (Lightning's Trainer, a callback, a logger...)
+    becomes a one-line DigitnetError naming the config key, with the library's own message."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        reason = " ".join(str(err.__cause__ or err).split())
+        raise DigitnetError(f"{key}: {reason}") from None
 
 
 def validate(cfg: DictConfig) -> None:
