@@ -82,10 +82,19 @@ class DigitDataModule(L.LightningDataModule):
         self.train_set = self.val_set = self.test_set = None
 
     def _split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return load_split(self.name, split, self.root, self.download, self.class_names)
+        images, labels = load_split(self.name, split, self.root, self.download, self.class_names)
+        if len(labels) and labels.max() >= len(self.class_names):  # cross-entropy would fail mid-training
+            raise DigitnetError(
+                f"the {self.name} {split} split has label {labels.max().item()} but data.class_names names "
+                f"{len(self.class_names)} classes (labels 0-{len(self.class_names) - 1}): list a name for "
+                "every label in data.class_names, or fix the labels"
+            )
+        return images, labels
 
     def prepare_data(self) -> None:
-        self._split("test")  # downloads once, on rank 0
+        # downloads once, on rank 0; reads both splits so bad labels stop the run before any file is written
+        for split in ("train", "test"):
+            self._split(split)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in ("fit", "validate", None) and self.train_set is None:
