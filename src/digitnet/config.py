@@ -16,6 +16,7 @@ from digitnet.data.idx import DATASETS
 from digitnet.errors import DigitnetError
 from digitnet.models import BACKBONES
 from digitnet.optim import build_optimizer
+from digitnet.registry import Registry
 
 SCHEDULES = ("none", "cosine", "onecycle")
 
@@ -118,6 +119,8 @@ def validate(cfg: DictConfig) -> None:
              "set either ckpt_path (resume a run) or init_from (fine-tune from weights), not both")
     if cfg.ckpt_path is not None:  # Lightning would only read it once training starts
         load_checkpoint_of(cfg.ckpt_path, cfg.model.name, "ckpt_path")
+    if cfg.registry.enabled and not cfg.trainer.get("fast_dev_run"):  # train() records only real runs
+        check_registry(cfg.registry.url)
 
 
 def _validate_data(cfg: DictConfig) -> None:
@@ -150,6 +153,17 @@ def _validate_optim(cfg: DictConfig) -> None:
         build_optimizer(nn.Linear(1, 1), OmegaConf.to_container(cfg.optim, resolve=True))
     except (TypeError, ValueError) as err:  # e.g. betas out of range, nesterov without momentum, unknown keys
         raise DigitnetError(f"optim: {' '.join(str(err).split())}") from None
+
+
+def check_registry(url: str) -> None:
+    """Open (or create) the model registry now; a bad registry.url would otherwise show only after training."""
+    try:
+        with Registry(url):
+            pass
+    except DigitnetError as err:
+        raise DigitnetError(f"registry.url: {err}") from None
+    except OSError as err:  # the folder of a SQLite file cannot be created
+        raise DigitnetError(f"registry.url: cannot create {err.filename}: {err.strerror}") from None
 
 
 def validate_eval(cfg: DictConfig) -> None:
