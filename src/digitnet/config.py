@@ -64,6 +64,8 @@ RULES = {
     "trainer": {
         "limit_train_batches": (False, lambda v: v > 0, "> 0: a number of batches or a fraction in (0, 1]"),
         "limit_val_batches": (False, lambda v: v > 0, "> 0: validation picks the best checkpoint"),
+        "val_check_interval": (False, lambda v: v > 0, "> 0: a fraction of an epoch or a number of batches"),
+        "max_steps": (True, lambda v: v >= 1 or v == -1, ">= 1 (or -1: no limit)"),
         "accumulate_grad_batches": (True, lambda v: v >= 1, ">= 1"),
         "gradient_clip_val": (False, lambda v: v >= 0, ">= 0 (or null: no clipping)"),
         "log_every_n_steps": (True, lambda v: v >= 1, ">= 1"),
@@ -92,7 +94,8 @@ def validate(cfg: DictConfig) -> None:
     """Raise DigitnetError naming the key, its value and what would be valid."""
     seed = _number(cfg, "seed", integer=True)
     _require(0 <= seed < 2**32, f"seed={cfg.seed} must be in [0, 2**32)")
-    for key in ("test", "channels_last", "compile", "registry.enabled", "data.download"):
+    for key in ("test", "channels_last", "compile", "registry.enabled", "data.download",
+                "trainer.enable_progress_bar", "trainer.enable_model_summary"):
         _switch(cfg, key)
     _validate_data(cfg)
     _require(cfg.model.get("name") in BACKBONES, f"model.name={cfg.model.get('name')!r} is not one of {sorted(BACKBONES)}")
@@ -111,6 +114,9 @@ def validate(cfg: DictConfig) -> None:
     max_epochs = cfg.trainer.get("max_epochs")
     _require(max_epochs is None or _number(cfg, "trainer.max_epochs", integer=True) >= 1 or max_epochs == -1,
              f"trainer.max_epochs={max_epochs} must be >= 1 (or -1 for no limit)")
+    _require(max_epochs != -1 or cfg.trainer.get("max_steps", -1) not in (None, -1),
+             "trainer.max_epochs=-1 (no epoch limit) needs +trainer.max_steps=<steps>: "
+             "the LR schedule and the checkpoints plan with the number of steps")
     for name, callback in (cfg.get("callbacks") or {}).items():
         monitor = callback.get("monitor") if callback is not None else None
         _require(monitor is None or monitor in FIT_METRICS,
