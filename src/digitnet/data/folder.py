@@ -33,6 +33,7 @@ MAX_PIXELS = 4096 * 4096  # a larger file is not a drawing; refuse it before dec
 
 
 def _label_folders(folder: Path, class_names: Sequence[str]) -> list[tuple[int, Path]]:
+    class_names = [str(name) for name in class_names]  # data.class_names=[5,7] arrives as numbers
     if not folder.is_dir():
         raise DigitnetError(
             f"no custom dataset at {folder.resolve()}: put images in {folder}/<label>/ (labels {list(class_names)}) "
@@ -45,7 +46,7 @@ def _label_folders(folder: Path, class_names: Sequence[str]) -> list[tuple[int, 
             f"{folder} has folders {unknown} that are not class names {list(class_names)}; "
             "rename them or set data.class_names"
         )
-    return [(list(class_names).index(p.name), p) for p in folders]
+    return [(class_names.index(p.name), p) for p in folders]
 
 
 def _name_hash(path: Path) -> str:
