@@ -86,7 +86,7 @@ def _check_rules(cfg: DictConfig, group: str) -> None:
 
 
 def _switch(cfg: DictConfig, key: str) -> None:
-    value = OmegaConf.select(cfg, key)
+    value = OmegaConf.select(cfg, key, default=False)  # a trainer config may leave its switches out
     _require(isinstance(value, bool), f"{key}={value} must be true or false")
 
 
@@ -103,30 +103,40 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.sched.name in SCHEDULES, f"sched.name={cfg.sched.name!r} is not one of {list(SCHEDULES)}")
     for group in RULES:
         _check_rules(cfg, group)
+    _validate_epochs(cfg)
     _require(0 <= _number(cfg, "label_smoothing") < 1, f"label_smoothing={cfg.label_smoothing} must be in [0, 1)")
     _require(cfg.ema_decay is None or 0 < _number(cfg, "ema_decay") < 1, f"ema_decay={cfg.ema_decay} must be in (0, 1) or null")
     for key in ("mixup_alpha", "cutmix_alpha"):
         _require(_number(cfg, key) >= 0, f"{key}={cfg[key]} must be >= 0 (0 switches it off)")
-    metric = cfg.optimized_metric
-    _require(isinstance(metric, str) or (isinstance(metric, ListConfig) and len(metric) > 0
-                                         and all(isinstance(m, str) for m in metric)),
-             f"optimized_metric={metric} must be a metric name or a list of them (e.g. val/acc_best)")
-    max_epochs = cfg.trainer.get("max_epochs")
-    _require(max_epochs is None or _number(cfg, "trainer.max_epochs", integer=True) >= 1 or max_epochs == -1,
-             f"trainer.max_epochs={max_epochs} must be >= 1 (or -1 for no limit)")
-    _require(max_epochs != -1 or cfg.trainer.get("max_steps", -1) not in (None, -1),
-             "trainer.max_epochs=-1 (no epoch limit) needs +trainer.max_steps=<steps>: "
-             "the LR schedule and the checkpoints plan with the number of steps")
-    for name, callback in (cfg.get("callbacks") or {}).items():
-        monitor = callback.get("monitor") if callback is not None else None
-        _require(monitor is None or monitor in FIT_METRICS,
-                 f"callbacks.{name}.monitor={monitor} is not a metric of training; choose one of {list(FIT_METRICS)}")
+    _validate_metrics(cfg)
     _require(cfg.ckpt_path is None or cfg.init_from is None,
              "set either ckpt_path (resume a run) or init_from (fine-tune from weights), not both")
     if cfg.ckpt_path is not None:  # Lightning would only read it once training starts
         load_checkpoint_of(cfg.ckpt_path, cfg.model.name, "ckpt_path")
     if cfg.registry.enabled and not cfg.trainer.get("fast_dev_run"):  # train() records only real runs
         check_registry(cfg.registry.url)
+
+
+def _validate_epochs(cfg: DictConfig) -> None:
+    trainer = cfg.trainer
+    max_epochs = trainer.get("max_epochs")
+    _require(max_epochs is None or _number(cfg, "trainer.max_epochs", integer=True) >= 1 or max_epochs == -1,
+             f"trainer.max_epochs={max_epochs} must be >= 1 (or -1 for no limit)")
+    _require(max_epochs != -1 or trainer.get("max_steps", -1) not in (None, -1),
+             "trainer.max_epochs=-1 (no epoch limit) needs +trainer.max_steps=<steps>: "
+             "the LR schedule and the checkpoints plan with the number of steps")
+
+
+def _validate_metrics(cfg: DictConfig) -> None:
+    """What callbacks monitor must be logged while fitting; optimized_metric must be one name or a list."""
+    for name, callback in (cfg.get("callbacks") or {}).items():
+        monitor = callback.get("monitor") if callback is not None else None
+        _require(monitor is None or monitor in FIT_METRICS,
+                 f"callbacks.{name}.monitor={monitor} is not a metric of training; choose one of {list(FIT_METRICS)}")
+    metric = cfg.optimized_metric
+    _require(isinstance(metric, str) or (isinstance(metric, ListConfig) and len(metric) > 0
+                                         and all(isinstance(m, str) for m in metric)),
+             f"optimized_metric={metric} must be a metric name or a list of them (e.g. val/acc_best)")
 
 
 def _validate_data(cfg: DictConfig) -> None:
