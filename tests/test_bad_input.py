@@ -52,6 +52,7 @@ CASES = [
     (["data.class_names=[a,a]"], None, "data.class_names=['a', 'a'] must be a list of at least two different names"),
     (["data.download=maybe"], None, "data.download=maybe must be true or false"),
     (["data.seed=abc"], None, "data.seed=abc must be an integer"),
+    (["data.val_size=200"], None, "data.val_size=200 must be between 1 and 199 (the mnist training set has 200 images)"),
     (["+data.foo=1"], None, "data: DigitDataModule.__init__() got an unexpected keyword argument 'foo'"),
     ([], _label_200("train"), "the mnist train split has label 200 but data.class_names names 10 classes"),
     ([], _label_200("t10k"), "the mnist test split has label 200 but data.class_names names 10 classes"),
