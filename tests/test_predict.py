@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -125,27 +128,146 @@ def test_save_prepared_writes_what_the_model_sees(trained, test_digits, tmp_path
     assert _correlation(grid, load_inputs([str(tmp_path / "seven.png")]).images[0].numpy()) > 0.99
 
 
-@pytest.mark.parametrize("case", ["not an image", "empty folder", "unknown model id", "unreadable checkpoint", "missing input"])
-def test_bad_inputs_are_one_line_errors_and_write_nothing(trained, test_digits, tmp_path, capsys, case):
-    good = tmp_path / "good.png"
-    _photo(test_digits[0][0], 0).save(good)
-    text = tmp_path / "notes.png"
-    text.write_text("not a picture\n")
+def _huge_png(path, width: int, height: int) -> None:
+    """A small PNG whose header claims width x height pixels (its data would not even fill a row)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])  # 8-bit gray
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100))
+                     + chunk(b"IEND", b""))
+
+
+def _npy(path, index: int, value: float) -> None:
+    images = np.zeros((5, 28, 28), np.float32)
+    images[:, 10:18, 13:15] = 1
+    images[index, 3, 4] = value
+    np.save(path, images)
+
+
+@pytest.fixture
+def good(test_digits, tmp_path):
+    path = tmp_path / "good.png"
+    _photo(test_digits[0][0], 0).save(path)
+    return path
+
+
+@pytest.mark.parametrize("case", ["empty folder", "unknown model id", "unreadable checkpoint", "missing input",
+                                  "--csv is a folder", "--csv under a file", "--csv where nothing can be written",
+                                  "--save-prepared is a folder"])
+def test_bad_runs_are_one_line_errors_and_write_nothing(trained, good, tmp_path, capsys, case):
     empty = tmp_path / "empty"
     empty.mkdir()
     broken = tmp_path / "broken.ckpt"
     broken.write_bytes(trained.checkpoint.read_bytes()[:5000])  # a truncated download
-    model, inputs, message = {
-        "not an image": (trained.checkpoint, [good, text], f"{text} is not an image, IDX or .npy file"),
-        "empty folder": (trained.checkpoint, [good, empty], f"folder {empty} holds no images"),
-        "unknown model id": ("0123abcd", [good], "no model with id '0123abcd' in registry"),
-        "unreadable checkpoint": (broken, [good], f"{broken} is not a readable PyTorch checkpoint"),
-        "missing input": (trained.checkpoint, [tmp_path / "nope.png"], "input"),
-    }[case]
     out_csv = tmp_path / "out.csv"
     out_csv.write_text("previous results\n")
-    code, out, err = _predict(capsys, str(model), *map(str, inputs), "--csv", str(out_csv), "--db", trained.registry_url)
+    model, inputs, options, message = {
+        "empty folder": (trained.checkpoint, [good, empty], [], f"folder {empty} holds no images"),
+        "unknown model id": ("0123abcd", [good], [], "no model with id '0123abcd' in registry"),
+        "unreadable checkpoint": (broken, [good], [], f"{broken} is not a readable PyTorch checkpoint"),
+        "missing input": (trained.checkpoint, [tmp_path / "nope.png"], [], f"input {tmp_path / 'nope.png'} does not exist"),
+        "--csv is a folder": (trained.checkpoint, [good], ["--csv", empty], f"--csv {empty} is a folder; give a file name"),
+        "--csv under a file": (trained.checkpoint, [good], ["--csv", out_csv / "x.csv"],
+                               f"--csv {out_csv / 'x.csv'} cannot be written: {out_csv} takes no new files (Not a directory)"),
+        "--csv where nothing can be written": (trained.checkpoint, [good], ["--csv", "/proc/digits.csv"],
+                                               "--csv /proc/digits.csv cannot be written: /proc takes no new files"),
+        "--save-prepared is a folder": (trained.checkpoint, [good], ["--save-prepared", empty],
+                                        f"--save-prepared {empty} is a folder; give a file name"),
+    }[case]
+    options = options or ["--csv", out_csv]
+    code, out, err = _predict(capsys, str(model), *map(str, inputs), *map(str, options), "--db", trained.registry_url)
     assert code == 2 and out == ""
     assert err.startswith(f"error: {message}") and err.count("\n") == 1
     assert out_csv.read_text() == "previous results\n"  # untouched, and no temp files left behind
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["good.png", "notes.png", "empty", "broken.ckpt", "out.csv"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.ckpt", "empty", "good.png", "out.csv"]
+    assert list(empty.iterdir()) == []
+
+
+def _bad_file(case: str, folder) -> tuple[str, str]:
+    """Writes the bad file of `case` into `folder`; returns its name and the error line's text after the name."""
+    if case == "not an image":
+        (folder / "notes.png").write_text("not a picture\n")
+        return "notes.png", " is not an image, IDX or .npy file (images: .bmp,"
+    if case == "blank":
+        Image.new("RGB", (64, 64), (200, 200, 200)).save(folder / "blank.png")
+        return "blank.png", (": no digit found (the image is blank or has almost no contrast); "
+                             "if it holds a digit, say its background: --background light or dark")
+    if case.startswith("header claims"):
+        side = int(case.split()[-1])
+        _huge_png(folder / "huge.png", side, side)
+        sizes = f"is {side}x{side} pixels" if side * side < 89_478_485 else "claims over 89 million pixels"
+        return "huge.png", f" {sizes}; at most 16777216 pixels (4096x4096) are read; downscale it"
+    if case == "truncated png":
+        (folder / "cut.png").write_bytes((folder / "good.png").read_bytes()[:300])
+        return "cut.png", " is not an image, IDX or .npy file"
+    value = {"NaN in .npy": np.nan, "inf in .npy": np.inf, "-inf in .npy": -np.inf}[case]
+    _npy(folder / "digits.npy", 3, value)
+    return "digits.npy", ": 1 image(s) hold NaN or infinite pixels, the first is [3]"
+
+
+@pytest.mark.parametrize("case", ["not an image", "blank", "header claims 5000", "header claims 10000",
+                                  "header claims 30000", "truncated png", "NaN in .npy", "inf in .npy", "-inf in .npy"])
+@pytest.mark.parametrize("output", ["stdout", "csv"])
+def test_a_bad_file_is_one_line_and_the_others_are_classified(trained, good, tmp_path, capsys, case, output):
+    name, message = _bad_file(case, tmp_path)
+    bad = tmp_path / name
+    csv_path = tmp_path / "out.csv"
+    options = ["--csv", str(csv_path)] if output == "csv" else []
+    code, out, err = _predict(capsys, str(trained.checkpoint), str(good), str(bad), *options)
+    assert code == 1
+    assert err.startswith(f"error: {bad}{message}") and err.count("\n") == 1 and "Traceback" not in err
+    if output == "csv":
+        assert out == f"wrote 1 predictions to {csv_path}\n"
+        assert [row["input"] for row in csv.DictReader(csv_path.open())] == [str(good)]
+    else:
+        assert out.startswith(f"{good}  ") and out.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"good.png", name} | ({"out.csv"} if output == "csv" else set()))
+
+
+def test_only_bad_files_write_nothing_and_exit_1(trained, tmp_path, capsys):
+    names = [_bad_file(case, tmp_path)[0] for case in ("blank", "NaN in .npy")]
+    code, out, err = _predict(capsys, str(trained.checkpoint), *(str(tmp_path / n) for n in names),
+                              "--csv", str(tmp_path / "out.csv"))
+    assert code == 1 and out == "" and err.count("\n") == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
+
+
+def test_a_clean_npy_file_is_unchanged_by_the_nan_check(tmp_path):
+    _npy(tmp_path / "digits.npy", 3, 0.5)
+    inputs = load_inputs([tmp_path / "digits.npy"])
+    assert inputs.errors == [] and inputs.images.shape == (5, 28, 28) and inputs.images[3, 3, 4] == 128
+
+
+def test_dark_digit_on_mid_grey_needs_the_background_flag(trained, test_digits, tmp_path, capsys):
+    """The border's median is just under half: auto takes it for a dark screen and finds no digit."""
+    digit = test_digits[0][0].astype(float) / 255
+    grey = Image.fromarray(np.round(120 * (1 - digit)).astype(np.uint8)).resize((84, 84))
+    grey.save(tmp_path / "grey.png")
+    code, out, err = _predict(capsys, str(trained.checkpoint), str(tmp_path / "grey.png"))
+    assert code == 1 and out == "" and err.endswith("--background light or dark\n")
+    code, out, err = _predict(capsys, str(trained.checkpoint), str(tmp_path / "grey.png"), "--background", "light")
+    assert code == 0 and err == "" and out.split()[1] == str(test_digits[1][0])
+
+
+@pytest.mark.parametrize("suffix", ["png", "tif", "pgm"])
+def test_16_bit_images_are_scaled_not_clipped(test_digits, tmp_path, suffix):
+    """Dark ink (20000) on light paper (50000): converted the 8-bit way both clip to white."""
+    digit = test_digits[0][0]
+    paper = np.round(50000 - digit.astype(float) / 255 * 30000).astype(np.uint16)
+    Image.fromarray(paper).resize((84, 84), Image.Resampling.BILINEAR).save(tmp_path / f"seven.{suffix}")
+    with Image.open(tmp_path / f"seven.{suffix}") as image:
+        assert image.mode in ("I;16", "I")
+        assert _correlation(prepare_digit(image), digit) > 0.9
+
+
+def test_predicting_into_a_closed_pipe_exits_quietly(trained, test_digits, real_data, tmp_path):
+    """`digitnet predict ... | head -2`: more output than a pipe holds, so writing must hit the closed end."""
+    images, _ = load_split("mnist", "test")
+    idx = write_idx(tmp_path / "digits-idx3-ubyte", images[:3000].numpy())
+    predict = subprocess.Popen([sys.executable, "-m", "digitnet.cli", "predict", str(trained.onnx), str(idx)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    head = subprocess.run(["head", "-2"], stdin=predict.stdout, capture_output=True, text=True)
+    predict.stdout.close()
+    assert predict.wait(timeout=300) == 1 and predict.stderr.read() == ""
+    assert head.stdout.startswith(f"{idx}[0]  7  ") and head.stdout.count("\n") == 2

@@ -9,14 +9,19 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import lightning as L
 import pytest
 import sqlalchemy
+from hydra.utils import instantiate
+from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, compose_config
 from postgres_server import postgres_url  # noqa: F401 (fixture)
 from digitnet import cli
+from digitnet.data.idx import load_split
 from digitnet.errors import DigitnetError
-from digitnet.registry import ModelRecord, Registry
+from digitnet.registry import ModelRecord, Registry, record_run
+from digitnet.train import build_module
 from tiny_run import tiny_run
 
 
@@ -34,7 +39,7 @@ def _record(dataset="mnist", model="mlp", minutes=0, **metrics) -> ModelRecord:
 
 @pytest.fixture
 def registry(tmp_path):
-    with Registry(f"sqlite:///{tmp_path / 'reg.db'}") as registry:
+    with Registry(f"sqlite:///{tmp_path / 'reg.db'}", create=True) as registry:
         yield registry
 
 
@@ -45,6 +50,7 @@ def test_training_run_is_recorded_with_config_metrics_paths_onnx_and_commit(trai
     assert (record.dataset, record.model) == ("mnist", "mlp")
     assert record.config["model"]["name"] == "mlp" and record.config["trainer"]["limit_train_batches"] == 30
     assert record.metrics["test/acc"] == trained.metrics["test/acc"] > 0.5
+    assert record.test_images == (10_000, 10_000) and not record.partial_test  # the whole MNIST test split
     assert record.params == trained.metrics["params"] == 109_386
     assert Path(record.checkpoint) == trained.checkpoint and trained.checkpoint.is_file()
     assert Path(record.run_dir) == trained.run_dir
@@ -78,6 +84,61 @@ def test_best_max_and_min_with_filters(registry):
         registry.best("val/acc_best", dataset="fashion")
     with pytest.raises(DigitnetError, match="'max' or 'min'"):
         registry.best("test/acc", "highest")
+
+
+def _tested(images=None, split=None, limit=None, acc=0.9, minutes=0) -> ModelRecord:
+    metrics = {"test/acc": acc} | ({"test/images": images, "test/split_images": split} if images else {})
+    record = _record(minutes=minutes, **metrics)
+    record.config["trainer"] = {"limit_test_batches": limit}
+    return record
+
+
+PARTIAL_CASES = {  # name: (record, tested on part of the test split only?, its `models list` test/images cell)
+    "whole split": (_tested(10000.0, 10000.0, 1.0, acc=0.95), False, "10000"),
+    "limited batches covering the split": (_tested(10000.0, 10000.0, 4, acc=0.951), False, "10000"),
+    "5 of 10 batches": (_tested(5000.0, 10000.0, 5, acc=0.99), True, "5000 of 10000"),
+    "a quarter": (_tested(2500.0, 10000.0, 0.25, acc=0.98), True, "2500 of 10000"),
+    "older record, default limit": (_tested(limit=1.0, acc=0.96), False, "-"),
+    "older record, 5 batches": (_tested(limit=5, acc=0.985), True, "partial"),
+    "older record, one batch": (_tested(limit=1, acc=0.97), True, "partial"),
+    "older record, no trainer config": (_record(**{"test/acc": 0.94}), False, "-"),
+}
+
+
+@pytest.mark.parametrize("name", PARTIAL_CASES)
+def test_partial_tests_are_told_apart_and_listed(name, tmp_path, capsys):
+    record, partial, cell = PARTIAL_CASES[name]
+    assert record.partial_test == partial
+    url = f"sqlite:///{tmp_path / 'reg.db'}"
+    with Registry(url, create=True) as registry:
+        registry.add(record)
+    code, out, _ = _cli(capsys, "--db", url, "list", "--metrics", "test/acc")
+    header, row = out.splitlines()
+    assert code == 0 and header.split()[-4:] == ["test/acc", "test/images", "tags", "comment"]
+    assert " ".join(row.split()[7:]) == cell  # after id, date, time, dataset, model, params, test/acc
+
+
+def test_best_skips_partial_tests_unless_asked(registry):
+    ids = {name: registry.add(record) for name, (record, *_) in PARTIAL_CASES.items()}
+    assert registry.best("test/acc").id == ids["older record, default limit"]  # 0.96: the best whole-split test
+    assert registry.best("test/acc", include_partial=True).id == ids["5 of 10 batches"]  # 0.99
+    partial = _tested(5000.0, 10000.0, 5, acc=0.9)
+    partial.dataset = "fashion"
+    registry.add(partial)
+    with pytest.raises(DigitnetError, match=r"no model .* metric 'test/acc' \(dataset=fashion\) from a whole test "
+                                            r"split: 1 were tested on part of it .*--include-partial ranks them$"):
+        registry.best("test/acc", dataset="fashion")
+    assert registry.best("test/acc", include_partial=True, dataset="fashion").id == partial.id
+
+
+@pytest.mark.parametrize("limit, images", [(2, 40), (3, 50), (1.0, 50), (0.5, 20), (1, 20)])
+def test_the_test_step_counts_the_images_it_tests(tiny_mnist, monkeypatch, tmp_path, limit, images):
+    """50 test images in batches of 20, 20, 10: the count is exact for any limit_test_batches."""
+    monkeypatch.setenv("DIGITNET_DATA", str(tiny_mnist))
+    cfg = compose_config("model=mlp", "data.eval_batch_size=20", "data.val_size=20", output_dir=tmp_path)
+    trainer = L.Trainer(limit_test_batches=limit, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    (metrics,) = trainer.test(build_module(cfg), instantiate(cfg.data), verbose=False)
+    assert (metrics["test/images"], metrics["test/split_images"]) == (images, 50)
 
 
 def test_get_by_prefix_comment_tag_remove(registry):
@@ -158,9 +219,49 @@ def _cli(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
+def test_reading_a_missing_registry_creates_nothing(fresh_database, tmp_path):
+    """Only a training run's record_run makes the database and its table; readers say it is missing."""
+    before = sorted(tmp_path.iterdir())
+    with pytest.raises(DigitnetError, match=r"^no model in registry .*(fresh\.db: the file does not exist|"
+                                            r": it has no digitnet_models table) .*--db"):
+        Registry(fresh_database)
+    assert sorted(tmp_path.iterdir()) == before
+    record_run(fresh_database, {"data": {"name": "mnist"}, "model": {"name": "mlp"}}, {"test/acc": 0.5}, tmp_path)
+    with Registry(fresh_database) as registry:
+        assert [r.metrics["test/acc"] for r in registry.list()] == [0.5]
+
+
+READ_COMMANDS = [
+    ["models", "list"],
+    ["models", "best"],
+    ["models", "show", "0ac4"],
+    ["models", "tag", "0ac4", "baseline"],
+    ["predict", "best", "seven.png"],
+    ["predict", "0ac4", "seven.png"],
+]
+
+
+@pytest.mark.parametrize("where", ["default", "env", "--db"])
+@pytest.mark.parametrize("argv", READ_COMMANDS, ids=" ".join)
+def test_commands_in_a_folder_without_registry_create_nothing(tmp_path, monkeypatch, capsys, argv, where):
+    monkeypatch.chdir(tmp_path)
+    Image.new("L", (28, 28)).save("seven.png")
+    expected = {"default": tmp_path / "outputs" / "registry.db", "env": tmp_path / "env" / "r.db",
+                "--db": tmp_path / "flag" / "r.db"}[where]
+    monkeypatch.delenv("DIGITNET_REGISTRY")
+    if where == "env":
+        monkeypatch.setenv("DIGITNET_REGISTRY", "sqlite:///env/r.db")
+    code = cli.main([argv[0], "--db", "sqlite:///flag/r.db", *argv[1:]] if where == "--db" else argv)
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err == (f"error: no model in registry {expected}: the file does not exist (training runs create it where "
+                   "config registry.url says); point at one with --db URL or env DIGITNET_REGISTRY\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["seven.png"]
+
+
 def test_models_command_line(trained, tmp_path, capsys):
     url = f"sqlite:///{tmp_path / 'reg.db'}"
-    with Registry(url) as registry:
+    with Registry(url, create=True) as registry:
         low = registry.add(_record("mnist", "mlp", 0, **{"test/acc": 0.91, "test/loss": 0.30}))
         high = registry.add(_record("mnist", "cnn", 1, **{"test/acc": 0.99, "test/loss": 0.04}))
     code, out, _ = _cli(capsys, "--db", url, "list", "--sort", "test/acc")
@@ -179,3 +280,36 @@ def test_models_command_line(trained, tmp_path, capsys):
     assert "removed" in _cli(capsys, "--db", url, "remove", low)[1]
     code, _, err = _cli(capsys, "--db", url, "show", high, "--onnx-out", str(tmp_path / "m.onnx"))
     assert code == 2 and "has no ONNX bytes stored" in err and not (tmp_path / "m.onnx").exists()
+
+
+def test_a_partly_tested_run_is_marked_and_ranked_only_when_asked(real_data, tmp_path, capsys):
+    """A sweep-like run (trainer.limit_test_batches=2) records over how many images its test/acc is."""
+    from digitnet.train import train
+
+    url = f"sqlite:///{tmp_path / 'reg.db'}"
+    train(compose_config(
+        "model=mlp", "trainer.max_epochs=1", "trainer.limit_train_batches=5", "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=2", "logger=none", "callbacks.progress_bar=null",
+        "trainer.enable_progress_bar=false", "callbacks.model_summary=null", f"registry.url={url}",
+        output_dir=tmp_path / "run",
+    ))
+    with Registry(url) as registry:
+        (record,) = registry.list()
+    assert record.test_images == (2000, 10000) and record.partial_test
+    capsys.readouterr()  # training's own output
+    code, out, _ = _cli(capsys, "--db", url, "list")
+    header, row = out.splitlines()
+    assert code == 0 and header.split()[5:9] == ["test/acc", "val/acc_best", "test/loss", "test/images"]
+    assert row.split()[9:12] == ["2000", "of", "10000"]  # created is two words
+    code, out, _ = _cli(capsys, "--db", url, "show", record.id[:8])
+    assert "\ntest_images 2000 of 10000; `best` skips it without --include-partial\n" in out
+    code, _, err = _cli(capsys, "--db", url, "best")
+    assert code == 2 and err.endswith("1 were tested on part of it (trainer.limit_test_batches); --include-partial ranks them\n")
+    assert _cli(capsys, "--db", url, "best", "--include-partial", "--id-only")[1] == record.id + "\n"
+
+    digit = tmp_path / "digit.png"
+    Image.fromarray(load_split("mnist", "test")[0][0].numpy()).save(digit)
+    code = cli.main(["predict", "best", str(digit), "--db", url])
+    assert code == 2 and "--include-partial ranks them" in capsys.readouterr().err
+    code = cli.main(["predict", "best", str(digit), "--db", url, "--include-partial"])
+    assert code == 0 and capsys.readouterr().out.startswith(f"{digit}  ")

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import base64
+import concurrent.futures
 import http.client
 import io
 import json
+import os
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +36,9 @@ from digitnet.serve import load_onnx_classifier
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 # host names of this machine, as a DNS-rebinding page and a user's --allowed-host name would resolve
+                 "--host-resolver-rules=MAP rebound.test 127.0.0.1, MAP pad.test 127.0.0.1"]
 SCALE = 10  # canvas pixels per MNIST pixel: the page's canvas is 280x280
 QUIET = ("logger=none", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false", "callbacks.model_summary=null")
 
@@ -45,7 +53,11 @@ class ServedModel:
 @dataclass
 class Server:
     url: str
-    dataset_dir: Path  # <data root>/custom
+    dataset_dir: Path  # the collect folder, <data root>/custom
+    log: Path  # the server's stderr
+
+    def console(self) -> str:
+        return self.log.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -63,23 +75,34 @@ def served_model(real_data, tmp_path_factory) -> ServedModel:
     return ServedModel(root / "run", Path(metrics["best_checkpoint"]), url)
 
 
-@pytest.fixture(scope="module")
-def server(served_model):
-    """`digitnet serve run --port 0 --data-root drawings` in its own process, as a user starts it
-    (relative paths, so the page and its screenshot show the same text in every test run)."""
-    base = served_model.run_dir.parent
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "digitnet.cli", "serve", "run", "--port", "0", "--data-root", "drawings"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=base,
-    )
+def _start_server(cwd: Path, *args: str, env: dict | None = None):
+    """`digitnet serve <args> --port 0` in its own process in `cwd`, as a user starts it: the Server and its process."""
+    log = cwd / f"serve-{len(list(cwd.glob('serve-*.log')))}.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "digitnet.cli", "serve", *args, "--port", "0"],
+                                stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=cwd, env=env)
     line = proc.stdout.readline()  # "serving <model> on http://127.0.0.1:<port>/ ..." once it listens
     if "http://" not in line:
         proc.kill()
-        pytest.fail(f"server did not start: {line}{proc.stderr.read()}")
-    url = line.split(" on ")[1].split()[0]
-    yield Server(url, base / "drawings" / "custom")
+        pytest.fail(f"server did not start: {line}{log.read_text()}")
+    collect_line = proc.stdout.readline()  # "drawings are saved in <absolute folder>/<label>/; ..."
+    folder = Path(collect_line.removeprefix("drawings are saved in ").split("/<label>/")[0])
+    return Server(line.split(" on ")[1].split()[0], folder, log), proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(served_model):
+    """`digitnet serve run --collect-dir drawings/custom` (relative paths, so the page and its
+    screenshot show the same text in every test run)."""
+    server, proc = _start_server(served_model.run_dir.parent, "run", "--collect-dir", "drawings/custom")
+    assert server.dataset_dir == served_model.run_dir.parent / "drawings" / "custom"
+    yield server
+    _stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -219,8 +242,9 @@ def test_collect_saves_the_drawing_the_model_saw(page, server, mnist_test):
 # ---------------------------------------------------------------------------- the HTTP API
 
 
-def _post(url: str, body: bytes, content_type: str = "image/png") -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type})
+def _post(url: str, body: bytes, content_type: str = "image/png", headers: dict | None = None) -> tuple[int, dict]:
+    headers = {"Content-Type": content_type, **(headers or {})}
+    request = urllib.request.Request(url, data=body, method="POST", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read())
@@ -342,6 +366,184 @@ def test_collected_drawings_train_a_custom_model_that_exports(server, served_mod
     assert probs.shape == (len(test_images), 10) and torch.allclose(probs.sum(1), torch.ones(len(test_images)), atol=1e-4)
 
 
+# ---------------------------------------------------------------------------- who may use the pad
+
+ATTACK_PAGE = """<!doctype html><title>any page on the web</title><pre id="results"></pre><script>
+const pad = new URLSearchParams(location.search).get("pad");
+document.body.insertAdjacentHTML("beforeend", `<iframe src="${pad}"></iframe>`);
+const png = Uint8Array.from(atob("%s"), c => c.charCodeAt(0));
+const post = options => fetch(pad + "api/collect?label=8", {method: "POST", ...options})
+  .then(r => r.type + " " + r.status, e => "failed: " + e.name);
+(async () => {
+  const results = {
+    no_cors_text: await post({mode: "no-cors", body: new Blob([png], {type: "text/plain"})}),
+    no_cors_png: await post({mode: "no-cors", body: new Blob([png], {type: "image/png"})}),
+    cors_png: await post({body: png, headers: {"Content-Type": "image/png"}}),
+  };
+  document.getElementById("results").textContent = JSON.stringify(results);
+})();
+</script>"""
+
+
+@pytest.fixture
+def attacker(mnist_test):
+    """Another web server on this machine (another port: another origin) serving a page that posts an 8 to the pad."""
+    page = (ATTACK_PAGE % base64.b64encode(_canvas_png(_first(mnist_test, 8))).decode()).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args):
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), Handler) as httpd:
+        thread = threading.Thread(target=httpd.serve_forever)
+        thread.start()
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+        httpd.shutdown()
+        thread.join()
+
+
+def test_another_origins_page_cannot_collect(browser, server, attacker):
+    before = _tree(server.dataset_dir)
+    page = browser.new_page()
+    page.goto(f"{attacker}?pad={urllib.parse.quote(server.url)}")
+    page.wait_for_function("document.querySelector('#results').textContent")
+    results = json.loads(page.text_content("#results"))
+    framed = page.frames[1]
+    framed.wait_for_load_state()
+    pad_in_frame = framed.evaluate("document.getElementById('pad') !== null")
+    page.close()
+    # no-cors requests go out (the page just cannot read the answer); the CORS one dies at its preflight
+    assert results == {"no_cors_text": "opaque 0", "no_cors_png": "opaque 0", "cors_png": "failed: TypeError"}
+    assert _tree(server.dataset_dir) == before
+    assert not pad_in_frame, framed.url  # the browser would not show the pad in the other site's frame
+
+
+def test_a_rebound_host_name_is_refused(browser, server, mnist_test):
+    """A page whose name was rebound to 127.0.0.1 after it loaded talks to the pad under its own name."""
+    before = _tree(server.dataset_dir)
+    port = urllib.parse.urlsplit(server.url).port
+    page = browser.new_page()
+    assert page.goto(f"http://rebound.test:{port}/").status == 400
+    # same-origin for the browser, so no preflight and no Origin check can help: only the Host name does
+    status = page.evaluate("""async png => (await fetch("/api/collect?label=8", {method: "POST",
+        headers: {"Content-Type": "image/png"}, body: new Uint8Array(png)})).status""",
+                           list(_canvas_png(_first(mnist_test, 8))))
+    page.close()
+    assert status == 400 and _tree(server.dataset_dir) == before
+    for method, path in (("GET", "/"), ("GET", "/api/info"), ("POST", "/api/collect?label=8")):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection.request(method, path, _canvas_png(_first(mnist_test, 8)) if method == "POST" else None,
+                           {"Host": f"evil.example:{port}", "Content-Type": "image/png"})
+        response = connection.getresponse()
+        assert (response.status, response.read()) == (400, b"Invalid host header"), path
+        connection.close()
+    assert _tree(server.dataset_dir) == before
+
+
+def test_posts_marked_cross_origin_or_not_an_image_are_refused(server, mnist_test):
+    digit = _canvas_png(_first(mnist_test, 8))
+    own_origin = server.url.rstrip("/")
+    before = _tree(server.dataset_dir)
+    cases = [
+        ("image/png", {"Origin": "http://127.0.0.1:1"}, 403, "cross-origin requests are refused"),
+        ("image/png", {"Origin": "null"}, 403, "cross-origin requests are refused"),  # sandboxed frames, file: pages
+        ("image/png", {"Origin": own_origin, "Sec-Fetch-Site": "same-site"}, 403, "cross-origin requests are refused"),
+        ("image/png", {"Sec-Fetch-Site": "cross-site"}, 403, "cross-origin requests are refused"),
+        ("text/plain", {}, 415, "send the image with Content-Type image/png"),
+        ("application/x-www-form-urlencoded", {}, 415, "send the image with Content-Type image/png"),
+        ("multipart/form-data; boundary=x", {}, 415, "send the image with Content-Type image/png"),
+    ]
+    for path in ("api/collect?label=8", "api/predict"):
+        for content_type, headers, status, message in cases:
+            code, answer = _post(server.url + path, digit, content_type, headers)
+            assert (code, message in answer["error"]) == (status, True), (path, headers, code, answer)
+    # what the pad's own page sends
+    headers = {"Origin": own_origin, "Sec-Fetch-Site": "same-origin"}
+    assert _post(server.url + "api/predict", digit, "image/png; charset=binary", headers)[0] == 200
+    assert _tree(server.dataset_dir) == before
+
+
+def test_default_collect_dir_allowed_host_and_unwritable_label_folder(served_model, browser, mnist_test, tmp_path):
+    """Without --collect-dir drawings go to data/custom under the current folder, never into the
+    dataset store $DIGITNET_DATA; the page works under a name given with --allowed-host; /api/info
+    shows no absolute path; a label folder that cannot be made is one JSON error and one console line."""
+    store = tmp_path / "store"
+    store.mkdir()
+    env = {**os.environ, "DIGITNET_DATA": str(store)}
+    model = str(served_model.run_dir / "model.onnx")  # outside the server's folder
+    server, proc = _start_server(tmp_path, model, "--allowed-host", "pad.test", env=env)
+    try:
+        assert server.dataset_dir == tmp_path / "data" / "custom"
+        page = browser.new_page(viewport={"width": 1000, "height": 560})
+        page.goto(f"http://pad.test:{urllib.parse.urlsplit(server.url).port}/")
+        page.wait_for_selector("body[data-ready=true]")
+        assert page.text_content("#model-info") == "model.onnx (mnist) - drawings are saved to data/custom/<label>/"
+        _draw(page, _strokes(_first(mnist_test, 5)))
+        page.click("#labels button[data-label='5']")
+        page.wait_for_function("document.querySelector('#status').textContent.startsWith('saved')")
+        page.close()
+        assert len(list((tmp_path / "data" / "custom" / "5").glob("*.png"))) == 1 and not any(store.iterdir())
+
+        (tmp_path / "data" / "custom" / "6").write_text("a file where the label folder 6 should be")
+        code, answer = _post(server.url + "api/collect?label=6", _canvas_png(_first(mnist_test, 6)))
+        assert code == 500 and answer["error"].startswith("cannot save in data/custom/6: "), answer
+        with urllib.request.urlopen(server.url + "api/info", timeout=30) as response:
+            assert str(tmp_path) not in response.read().decode()
+    finally:
+        _stop(proc)
+    (line,) = server.console().splitlines()
+    assert "cannot save a drawing in" in line and "Traceback" not in line
+
+
+def test_a_collect_dir_this_user_cannot_write_is_one_line(served_model):
+    readonly = Path(tempfile.mkdtemp())
+    readonly.chmod(0o555)
+    # root writes into any folder: run the server as nobody then
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+    try:
+        command = [sys.executable, "-m", "digitnet.cli", "serve", str(served_model.run_dir),
+                   "--collect-dir", str(readonly / "custom")]
+        result = subprocess.run([*as_nobody, *command], capture_output=True, text=True, timeout=120)
+    finally:
+        readonly.rmdir()
+    assert result.returncode == 2 and result.stdout == "", result
+    assert result.stderr == (f"error: cannot save drawings in {readonly}/custom: {readonly} is not a folder "
+                             "you can write; pass --collect-dir <a folder of yours>\n")
+
+
+def test_a_client_leaving_mid_upload_is_one_console_line(server, mnist_test):
+    before = server.console()
+    parts = urllib.parse.urlsplit(server.url)
+    with socket.create_connection((parts.hostname, parts.port)) as sock:
+        sock.sendall(b"POST /api/collect?label=3 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+                     b"Content-Length: 100000\r\n\r\n" + _canvas_png(_first(mnist_test, 3))[:5000])
+    for _ in range(300):  # the server notices the closed connection on its own schedule
+        if server.console() != before:
+            break
+        threading.Event().wait(0.1)
+    said = server.console()[len(before):]
+    assert said == "WARNING:  a client left during its upload to /api/collect; nothing saved\n"
+    assert _post(server.url + "api/predict", _canvas_png(_first(mnist_test, 3)))[0] == 200
+
+
+def test_twenty_clients_uploading_the_largest_images_all_get_their_answer(server, mnist_test):
+    """At most two uploads are decoded at once (memory); the others wait and are answered, with the right codes."""
+    largest = _canvas_png(_first(mnist_test, 1), size=2048)
+    blank = _png(Image.new("RGBA", (2048, 2048)))
+    too_large = _png(Image.new("L", (2049, 2048)))
+    bodies = [largest] * 16 + [blank] * 2 + [too_large] * 2
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda body: _post(server.url + "api/predict", body), bodies))
+    assert [code for code, _ in answers] == [200] * 16 + [422] * 2 + [413] * 2
+    assert all(answer["top"][0]["label"] == "1" for _, answer in answers[:16])
+
+
 # ---------------------------------------------------------------------------- models and command line
 
 
@@ -365,6 +567,9 @@ def test_command_line_errors_are_one_line(served_model, tmp_path, capsys):
         (["best", "--db", empty_registry], "no model in registry"),
         ([str(served_model.run_dir), "--port", str(taken.getsockname()[1])], "cannot listen on 127.0.0.1"),
         ([str(served_model.run_dir), "--port", "70000"], "must be between 0 and 65535"),
+        ([str(served_model.run_dir), "--host", "0.0.0.0"], "name the host names or addresses its users open it by"),
+        ([str(served_model.run_dir), "--collect-dir", str(served_model.checkpoint / "custom")],
+         "is not a folder you can write"),
     ]
     for args, message in cases:
         assert cli.main(["serve", *args]) == 2

@@ -81,8 +81,9 @@ def classifier_from_record(record, device: torch.device | None = None) -> Classi
 
 
 def load_classifier(spec: str, registry_url: str | None = None, device: torch.device | None = None,
-                    metric: str = "test/acc") -> Classifier:
-    """`spec` = a .ckpt or .onnx file, `best` / `best:<dataset>` (by `metric`), or a registry id."""
+                    metric: str = "test/acc", include_partial: bool = False) -> Classifier:
+    """`spec` = a .ckpt or .onnx file, `best` / `best:<dataset>` (by `metric`; models tested on part
+    of the test split only if `include_partial`), or a registry id."""
     from digitnet.registry import Registry
 
     path = Path(spec)
@@ -92,7 +93,8 @@ def load_classifier(spec: str, registry_url: str | None = None, device: torch.de
         raise DigitnetError(f"model file {spec} not found")
     with Registry(registry_url) as registry:
         if spec == "best" or spec.startswith("best:"):
-            record = registry.best(metric, "min" if "loss" in metric else "max", dataset=spec[5:] or None)
+            record = registry.best(metric, "min" if "loss" in metric else "max", include_partial,
+                                   dataset=spec[5:] or None)
         else:
             record = registry.get(spec)
         return classifier_from_record(registry.get(record.id, with_onnx=True), device)

@@ -174,7 +174,7 @@ def _validate_optim(cfg: DictConfig) -> None:
 def check_registry(url: str) -> None:
     """Open (or create) the model registry now; a bad registry.url would otherwise show only after training."""
     try:
-        with Registry(url):
+        with Registry(url, create=True):  # as record_run will
             pass
     except DigitnetError as err:
         raise DigitnetError(f"registry.url: {err}") from None

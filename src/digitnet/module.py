@@ -11,7 +11,7 @@ import torch
 import torchvision
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
-from torchmetrics import MaxMetric
+from torchmetrics import MaxMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from digitnet.data.augment import build_augment
@@ -53,6 +53,7 @@ class DigitClassifier(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_images = SumMetric()  # what test/acc is over: limit_test_batches may stop short of the split
         self.val_acc_best = MaxMetric()
         self.val_confusion = MulticlassConfusionMatrix(num_classes)
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
@@ -126,8 +127,13 @@ class DigitClassifier(L.LightningModule):
         self.test_confusion.update(preds, y)
         self.log("test/loss", loss)
         self.log("test/acc", self.test_acc)
+        self.test_images.update(len(y))
+        self.log("test/images", self.test_images)
 
     def on_test_epoch_end(self):
+        loaders = self.trainer.test_dataloaders
+        split = sum(len(loader.dataset) for loader in (loaders if isinstance(loaders, list) else [loaders]))
+        self.log("test/split_images", float(split))
         self._log_confusion("test/confusion_matrix", self.test_confusion)
 
     def configure_optimizers(self):

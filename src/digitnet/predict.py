@@ -1,15 +1,18 @@
 """`digitnet predict <model> <inputs...>`: classify image files, folders, IDX or .npy files.
 
 The model is a checkpoint (.ckpt), an ONNX file, a registry id (or unique prefix), or `best` /
-`best:<dataset>` (the registry's highest test accuracy). Photos and drawings of any size and
-mode are first prepared the way MNIST itself was made (`prepare_digit`); IDX and .npy arrays
-are taken as already 28x28 MNIST-style images.
+`best:<dataset>` (the registry's highest test accuracy over a whole test split). Photos and
+drawings of any size and mode are first prepared the way MNIST itself was made (`prepare_digit`);
+IDX and .npy arrays are taken as already 28x28 MNIST-style images. A file that cannot be read is
+one error line on stderr; the others are still classified (exit status 1).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import sys
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +22,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from digitnet.atomic import write_atomically
-from digitnet.classifier import load_classifier
-from digitnet.data.prepare import BACKGROUNDS, CANVAS, IMAGE_SUFFIXES, prepare_digit
+from digitnet.classifier import Classifier, load_classifier
+from digitnet.data.prepare import BACKGROUNDS, CANVAS, IMAGE_SUFFIXES, NoDigitFound, open_image, prepare_digit
 from digitnet.errors import DigitnetError
 
 IDX_IMAGES_MAGIC = b"\x00\x00\x08\x03"  # uint8, 3 dimensions
@@ -33,6 +36,7 @@ IDX_IMAGES_MAGIC = b"\x00\x00\x08\x03"  # uint8, 3 dimensions
 class Inputs:
     names: list[str]
     images: torch.Tensor  # uint8 [N,28,28], MNIST-style
+    errors: list[str]  # one line per file that could not be read, naming it
 
 
 def _array_images(array: np.ndarray, name: str) -> np.ndarray:
@@ -44,9 +48,26 @@ def _array_images(array: np.ndarray, name: str) -> np.ndarray:
     if array.ndim != 3 or array.shape[1:] != (CANVAS, CANVAS) or not np.issubdtype(array.dtype, np.number):
         raise DigitnetError(f"{name} holds an array of {array.dtype} {array.shape}; expected [N,28,28] images")
     if array.dtype != np.uint8:  # floats in [0,1] (or any scale): the model standardises each image anyway
+        bad = np.flatnonzero(~np.isfinite(array).all(axis=(1, 2)))
+        if len(bad):  # one NaN would make the whole file's scale NaN
+            raise DigitnetError(f"{name}: {len(bad)} image(s) hold NaN or infinite pixels, the first is [{bad[0]}]")
         low, high = float(array.min()), float(array.max())
         array = np.round((array - low) / max(high - low, 1e-12) * 255)
     return array.astype(np.uint8)
+
+
+def _read_image(path: Path, background: str) -> np.ndarray:
+    try:
+        with open_image(path) as image:
+            return prepare_digit(image, background, str(path))[None]
+    except NoDigitFound as err:
+        if background != "auto":
+            raise
+        raise DigitnetError(f"{err}; if it holds a digit, say its background: --background light or dark") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):  # PIL's ways of saying "unreadable"
+        raise DigitnetError(
+            f"{path} is not an image, IDX or .npy file (images: {', '.join(sorted(IMAGE_SUFFIXES))})"
+        ) from None
 
 
 def _read_file(path: Path, background: str) -> tuple[list[str], np.ndarray]:
@@ -65,17 +86,12 @@ def _read_file(path: Path, background: str) -> tuple[list[str], np.ndarray]:
         except ValueError as err:
             raise DigitnetError(f"{path} is not a readable .npy array ({err})") from None
     else:
-        try:
-            with Image.open(path) as image:
-                return [str(path)], prepare_digit(image, background, str(path))[None]
-        except (UnidentifiedImageError, OSError):
-            raise DigitnetError(
-                f"{path} is not an image, IDX or .npy file (images: {', '.join(sorted(IMAGE_SUFFIXES))})"
-            ) from None
+        return [str(path)], _read_image(path, background)
     return [f"{path}[{i}]" for i in range(len(images))], images
 
 
-def _expand(paths: Iterable[str]) -> list[Path]:
+def expand(paths: Iterable[str]) -> list[Path]:
+    """The files named and those in the folders named; a missing input or empty folder is an error."""
     files = []
     for spec in paths:
         path = Path(spec)
@@ -93,17 +109,33 @@ def _expand(paths: Iterable[str]) -> list[Path]:
     return files
 
 
-def load_inputs(paths: Iterable[str], background: str = "auto") -> Inputs:
-    """Every input read and prepared up front, so a bad one stops the run before anything is written."""
-    names, arrays = [], []
-    for path in _expand(paths):
-        file_names, images = _read_file(path, background)
+def load_inputs(files: Iterable[Path | str], background: str = "auto") -> Inputs:
+    """Every file read and prepared; one that cannot be is an error line of its own, not the end of the run."""
+    names, arrays, errors = [], [np.zeros((0, CANVAS, CANVAS), np.uint8)], []
+    for path in files:
+        try:
+            file_names, images = _read_file(Path(path), background)
+        except DigitnetError as err:
+            errors.append(str(err))
+            continue
         names += file_names
         arrays.append(images)
-    return Inputs(names, torch.from_numpy(np.concatenate(arrays)))
+    return Inputs(names, torch.from_numpy(np.concatenate(arrays)), errors)
 
 
 # ---------------------------------------------------------------------------- output
+
+
+def check_output(path: Path, flag: str) -> None:
+    """Refuse an output path that cannot be written, before any work is done."""
+    if path.is_dir():
+        raise DigitnetError(f"{flag} {path} is a folder; give a file name")
+    folder = next(p for p in path.absolute().parents if p.exists())  # write_atomically creates the rest
+    try:
+        with tempfile.TemporaryFile(dir=folder):  # the sure test: access() says yes to root even in /proc
+            pass
+    except OSError as err:
+        raise DigitnetError(f"{flag} {path} cannot be written: {folder} takes no new files ({err.strerror})") from None
 
 
 def _write_csv(path: Path, names: list[str], probs: torch.Tensor, class_names: list[str]) -> None:
@@ -136,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="digitnet predict",
         description="Classify images with a trained model. Photos and drawings of any size are first made "
-        "MNIST-like: grayscale, light digit on dark, bounding box fitted into 20x20, centred by mass in 28x28.",
+        "MNIST-like: grayscale, light digit on dark, bounding box fitted into 20x20, centred by mass in 28x28. "
+        "A file that cannot be read is reported on stderr and the others are still classified (exit status 1).",
     )
     parser.add_argument("model", help="a .ckpt or .onnx file, a registry id, 'best' or 'best:<dataset>'")
     parser.add_argument("inputs", nargs="+", help="image files (PNG, JPEG, ...), folders of images, IDX or .npy files")
@@ -146,12 +179,26 @@ def main(argv: list[str] | None = None) -> int:
                         help="image background: light (ink on paper), dark (like MNIST) or auto-detect (default)")
     parser.add_argument("--save-prepared", type=Path, metavar="PNG", help="also save the prepared 28x28 inputs as a grid")
     parser.add_argument("--db", help="registry URL for ids and 'best' (default: env DIGITNET_REGISTRY or outputs/registry.db)")
+    parser.add_argument("--include-partial", action="store_true",
+                        help="'best' also ranks models tested on part of the test split only (trainer.limit_test_batches)")
     args = parser.parse_args(argv)
     if args.top_k < 1:
         raise DigitnetError(f"--top-k {args.top_k} must be at least 1")
+    for path, flag in ((args.csv, "--csv"), (args.save_prepared, "--save-prepared")):
+        if path:
+            check_output(path, flag)
 
-    inputs = load_inputs(args.inputs, args.background)
-    classifier = load_classifier(args.model, args.db)
+    files = expand(args.inputs)
+    classifier = load_classifier(args.model, args.db, include_partial=args.include_partial)
+    inputs = load_inputs(files, args.background)
+    for error in inputs.errors:
+        print(f"error: {error}", file=sys.stderr)
+    if inputs.names:
+        _report(args, inputs, classifier)
+    return 1 if inputs.errors else 0
+
+
+def _report(args: argparse.Namespace, inputs: Inputs, classifier: Classifier) -> None:
     probs = classifier.probabilities(inputs.images[:, None].float() / 255)
     if args.save_prepared:
         _save_prepared(args.save_prepared, inputs.images)
@@ -161,4 +208,3 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for name, p in zip(inputs.names, probs):
             print(format_line(name, p, classifier.class_names, args.top_k))
-    return 0

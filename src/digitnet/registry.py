@@ -67,6 +67,25 @@ class ModelRecord:
     tags: list[str] = field(default_factory=list)
     onnx: bytes | None = None  # only filled by Registry.get(..., with_onnx=True)
 
+    @property
+    def test_images(self) -> tuple[int | None, int | None]:
+        """How many test images the test metrics are over, and how many the test split has (None: unknown)."""
+        return tuple(None if (n := number_or_none(self.metrics.get(key))) is None else int(n)
+                     for key in ("test/images", "test/split_images"))
+
+    @property
+    def partial_test(self) -> bool:
+        """Tested on part of the test split only (trainer.limit_test_batches, e.g. sweep trials).
+
+        Records from before test/images was recorded say nothing exact: they count as partial only
+        if their config limited the test batches (1.0, the default, means all of them).
+        """
+        images, split = self.test_images
+        if images is not None and split is not None:
+            return images < split
+        limit = (self.config.get("trainer") or {}).get("limit_test_batches")
+        return limit is not None and not (isinstance(limit, float) and limit == 1.0)
+
 
 def resolve_url(url: str | None = None) -> str:
     """`url`, else env DIGITNET_REGISTRY, else outputs/registry.db; a relative SQLite path is
@@ -76,11 +95,13 @@ def resolve_url(url: str | None = None) -> str:
         parsed = sa.engine.make_url(url)
     except exc.ArgumentError:
         raise DigitnetError(f"registry url {url!r} is not a SQLAlchemy URL (e.g. {DEFAULT_URL})") from None
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        path = Path(parsed.database).expanduser().absolute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        parsed = parsed.set(database=str(path))
+    if _sqlite_file(parsed):
+        parsed = parsed.set(database=str(Path(parsed.database).expanduser().absolute()))
     return parsed.render_as_string(hide_password=False)
+
+
+def _sqlite_file(url: sa.URL) -> bool:
+    return url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:")
 
 
 def _sqlite_engine(url: str) -> sa.Engine:
@@ -113,26 +134,51 @@ def git_commit() -> str | None:
 
 
 class Registry:
-    """The models table of one database. Use as a context manager to release connections."""
+    """The models table of one database. Use as a context manager to release connections.
 
-    def __init__(self, url: str | None = None):
+    Only `create=True` (training's `record_run`) makes a missing database file, its folder and the
+    table; reading a registry that does not exist is an error that creates nothing.
+    """
+
+    def __init__(self, url: str | None = None, create: bool = False):
         self.url = resolve_url(url)
+        engine_url = sa.engine.make_url(self.url)
+        if _sqlite_file(engine_url):
+            if create:
+                Path(engine_url.database).parent.mkdir(parents=True, exist_ok=True)
+            elif not Path(engine_url.database).is_file():
+                raise self._missing(engine_url.database, "the file does not exist")
         try:
-            engine_url = sa.engine.make_url(self.url)
             self.engine = (
                 _sqlite_engine(self.url) if engine_url.get_backend_name() == "sqlite" else sa.create_engine(self.url)
             )
         except (exc.ArgumentError, exc.NoSuchModuleError, ImportError) as err:
             raise DigitnetError(f"cannot open registry {self.shown_url}: {err}") from None
+        if create:
+            self._create_table()
+        elif not self._has_table():
+            self.engine.dispose()
+            raise self._missing(self.shown_url, f"it has no {MODELS.name} table")
+
+    def _missing(self, where: str, why: str) -> DigitnetError:
+        return DigitnetError(
+            f"no model in registry {where}: {why} (training runs create it where config registry.url says); "
+            "point at one with --db URL or env DIGITNET_REGISTRY"
+        )
+
+    def _create_table(self) -> None:
         try:
             with self._transaction() as conn:
                 _metadata.create_all(conn)
         except DigitnetError:
             # A parallel worker created the table between the existence check and CREATE TABLE.
             # (SQLite serialises both with BEGIN IMMEDIATE; server databases need a second look.)
-            with self._transaction() as conn:
-                if not sa.inspect(conn).has_table(MODELS.name):
-                    raise
+            if not self._has_table():
+                raise
+
+    def _has_table(self) -> bool:
+        with self._transaction() as conn:
+            return sa.inspect(conn).has_table(MODELS.name)
 
     @property
     def shown_url(self) -> str:
@@ -224,19 +270,30 @@ class Registry:
             records = ranked + [r for r in records if number_or_none(r.metrics.get(sort)) is None]
         return records
 
-    def best(self, metric: str = "test/acc", mode: str = "max", **filters) -> ModelRecord:
-        """The record with the highest (`mode="max"`) or lowest (`"min"`) value of `metric`."""
+    def best(self, metric: str = "test/acc", mode: str = "max", include_partial: bool = False,
+             **filters) -> ModelRecord:
+        """The record with the highest (`mode="max"`) or lowest (`"min"`) value of `metric`.
+
+        Records tested on part of the test split only (`ModelRecord.partial_test`) are left out
+        unless `include_partial`: their numbers are not comparable with full tests.
+        """
         if mode not in ("max", "min"):
             raise DigitnetError(f"mode {mode!r} must be 'max' or 'min'")
         ranked = [r for r in self.list(sort=metric, descending=mode == "max", **filters)
                   if number_or_none(r.metrics.get(metric)) is not None]
-        if not ranked:
+        full = ranked if include_partial else [r for r in ranked if not r.partial_test]
+        if not full:
             shown = ", ".join(f"{k}={v}" for k, v in filters.items() if v) or "any dataset"
+            if ranked:
+                raise DigitnetError(
+                    f"no model in registry {self.shown_url} has metric {metric!r} ({shown}) from a whole test split: "
+                    f"{len(ranked)} were tested on part of it (trainer.limit_test_batches); --include-partial ranks them"
+                )
             raise DigitnetError(
                 f"no model in registry {self.shown_url} has metric {metric!r} ({shown}); "
                 "train one with `python train.py` or pick another metric"
             )
-        return ranked[0]
+        return full[0]
 
 
 def _record(row: sa.Row) -> ModelRecord:
@@ -272,7 +329,7 @@ def record_run(url: str | None, config: Mapping, metrics: Mapping, run_dir: str 
         onnx=Path(onnx_path).read_bytes() if onnx_path and Path(onnx_path).is_file() else None,
         git_commit=git_commit(),
     )
-    with Registry(url) as registry:
+    with Registry(url, create=True) as registry:
         return registry.add(record)
 
 

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from digitnet.atomic import write_atomically
 from digitnet.errors import DigitnetError
 from digitnet.registry import DEFAULT_URL, ModelRecord, Registry, number_or_none
 
@@ -15,11 +16,19 @@ def _format_metric(value) -> str:
     return "-" if number is None else f"{number:.4f}" if abs(number) < 100 else f"{number:.0f}"
 
 
+def _tested(record: ModelRecord) -> str:
+    """How many test images the test metrics are over: '10000', '5000 of 10000', or '-' when unknown."""
+    images, split = record.test_images
+    if images is None:
+        return "partial" if record.partial_test else "-"
+    return f"{images} of {split}" if record.partial_test else str(images)
+
+
 def _print_table(records: list[ModelRecord], metrics: list[str]) -> None:
-    header = ["id", "created", "dataset", "model", "params", *metrics, "tags", "comment"]
+    header = ["id", "created", "dataset", "model", "params", *metrics, "test/images", "tags", "comment"]
     rows = [
         [r.id[:8], r.created.astimezone().strftime("%Y-%m-%d %H:%M"), r.dataset, r.model, str(r.params or "-"),
-         *(_format_metric(r.metrics.get(m)) for m in metrics), ",".join(r.tags), r.comment]
+         *(_format_metric(r.metrics.get(m)) for m in metrics), _tested(r), ",".join(r.tags), r.comment]
         for r in records
     ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
@@ -39,6 +48,7 @@ def _show(record: ModelRecord, with_config: bool) -> None:
         "onnx_path": record.onnx_path,
         "onnx_bytes": len(record.onnx) if record.onnx else None,
         "git_commit": record.git_commit,
+        "test_images": _tested(record) + ("; `best` skips it without --include-partial" if record.partial_test else ""),
         "tags": ", ".join(record.tags),
         "comment": record.comment,
     }
@@ -55,9 +65,7 @@ def _show(record: ModelRecord, with_config: bool) -> None:
 def _write_onnx(record: ModelRecord, path: Path) -> None:
     if not record.onnx:
         raise DigitnetError(f"model {record.id[:8]} has no ONNX bytes stored (its run wrote no model.onnx)")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(record.onnx)
-    tmp.replace(path)  # a reader never sees half a file
+    write_atomically(path, lambda tmp: tmp.write_bytes(record.onnx))
     print(f"wrote {path} ({len(record.onnx)} bytes)")
 
 
@@ -86,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     best.add_argument("--dataset")
     best.add_argument("--model")
     best.add_argument("--tag")
+    best.add_argument("--include-partial", action="store_true",
+                      help="also rank models tested on part of the test split only (trainer.limit_test_batches)")
     best.add_argument("--id-only", action="store_true", help="print only the id (for scripts)")
 
     remove = sub.add_parser("remove", help="delete records (files on disk stay)")
@@ -119,9 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 _show(record, args.config)
         elif args.action == "best":
-            record = registry.best(
-                args.metric, "min" if args.min else "max", dataset=args.dataset, model=args.model, tag=args.tag
-            )
+            record = registry.best(args.metric, "min" if args.min else "max", args.include_partial,
+                                   dataset=args.dataset, model=args.model, tag=args.tag)
             if args.id_only:
                 print(record.id)
             else:

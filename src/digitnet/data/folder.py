@@ -21,15 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from digitnet.errors import DigitnetError
-from digitnet.data.prepare import IMAGE_SUFFIXES, prepare_digit
+from digitnet.data.prepare import IMAGE_SUFFIXES, open_image, prepare_digit
 
 FOLDER = "custom"  # under the dataset root, beside MNIST/ and FashionMNIST/
 TEST_FRACTION = 0.15
 DIGITS = tuple(str(i) for i in range(10))
-MAX_PIXELS = 4096 * 4096  # a larger file is not a drawing; refuse it before decoding
 
 
 def _label_folders(folder: Path, class_names: Sequence[str]) -> list[tuple[int, Path]]:
@@ -81,9 +80,7 @@ def split_files(folder: Path, split: str, class_names: Sequence[str] = DIGITS) -
 def _prepared(path: Path, mtime_ns: int, size: int) -> np.ndarray:
     """One file prepared like MNIST; cached per process until the file changes (mtime, size)."""
     try:
-        with Image.open(path) as image:
-            if image.width * image.height > MAX_PIXELS:
-                raise DigitnetError(f"{path} is {image.width}x{image.height} pixels; at most {MAX_PIXELS} are read")
+        with open_image(path) as image:  # refuses more than MAX_PIXELS before decoding
             return prepare_digit(image, "auto", str(path))
     except (UnidentifiedImageError, OSError) as err:
         raise DigitnetError(f"{path} is not a readable image ({err}); delete or replace it") from None

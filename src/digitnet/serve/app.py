@@ -1,30 +1,41 @@
 """The drawing pad's ASGI app: the page, live predictions from an ONNX model, and collecting drawings.
 
     GET  /               the page (index.html beside this file, no external resources)
-    GET  /api/info       model, class names, where drawings go and how many each class has
+    GET  /api/info       model, class names, the collect folder and how many drawings each class has
     POST /api/predict    body: an image (the canvas as PNG) -> probabilities, top 3, the 28x28 input
-    POST /api/collect?label=<class>   body: an image -> saved as <dataset>/<label>/<random id>.png
+    POST /api/collect?label=<class>   body: an image -> saved as <collect folder>/<label>/<random id>.png
+
+Only the pad's own page can use the API from a browser. Requests must name an allowed host (a
+DNS-rebinding page reaches 127.0.0.1 under its own name), and a POST must send an image content
+type (a cross-origin page can send only text/plain and form types without a CORS preflight, which
+this server never grants) and must not come from another origin (Origin, Sec-Fetch-Site). Scripts
+such as curl send neither header and keep working. /api/info shows paths relative to the
+current folder, never absolute ones.
 
 Uploads are checked before anything else happens: at most MAX_UPLOAD_BYTES, at most
 MAX_PIXELS, an image format PIL reads, and a digit on it. Every refusal is a 4xx with a JSON
-`{"error": ...}`. Files are only ever written below the dataset folder, under a label that is
+`{"error": ...}`. Files are only ever written below the collect folder, under a label that is
 one of the model's class names and a name the server makes up.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import anyio
 import numpy as np
 import torch
 from PIL import Image
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from digitnet.errors import DigitnetError
@@ -35,12 +46,44 @@ from digitnet.data.prepare import prepare_digit
 MAX_UPLOAD_BYTES = 2_000_000
 MAX_PIXELS = 2048 * 2048
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")  # what a browser or a phone sends; fewer decoders, fewer surprises
+CONTENT_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/gif")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+# uploads decoded and run through the model at once: a 2048x2048 one takes over 100 MB while prepared
+WORKERS = 2
 TOP_K = 3
 PAGE = Path(__file__).with_name("index.html")
+log = logging.getLogger("uvicorn.error")  # printed the way uvicorn prints its own warnings
 
 
-async def _body(request: Request) -> bytes:
-    """The request body, refused with 413 as soon as it passes MAX_UPLOAD_BYTES (declared or streamed)."""
+def shown_path(path: str | Path) -> str:
+    """`path` as the page may show it: relative to the current folder, else its name alone."""
+    path = Path(path)
+    if not path.is_absolute():
+        return str(path)
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return path.name
+
+
+def _same_origin(request: Request) -> None:
+    """Refuse a request that a browser marks as coming from another origin (the pad's page sends same-origin ones)."""
+    site = request.headers.get("sec-fetch-site", "same-origin")
+    origin = request.headers.get("origin")
+    if site != "same-origin" or (origin is not None and urlsplit(origin).netloc != request.headers.get("host")):
+        raise HTTPException(403, "cross-origin requests are refused: use the page this server serves")
+
+
+def _image_content_type(request: Request) -> None:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in CONTENT_TYPES:
+        raise HTTPException(415, f"send the image with Content-Type {', '.join(CONTENT_TYPES)}, not {content_type!r}")
+
+
+async def _upload(request: Request) -> bytes:
+    """The body of a same-origin image upload, refused with 413 as soon as it passes MAX_UPLOAD_BYTES."""
+    _same_origin(request)
+    _image_content_type(request)
     too_big = HTTPException(413, f"upload larger than {MAX_UPLOAD_BYTES} bytes")
     declared = request.headers.get("content-length", "0")
     if not declared.isdigit():
@@ -83,16 +126,17 @@ def _prepare(image: Image.Image) -> np.ndarray:
 
 
 class DrawingPad:
-    """The handlers, holding the model and the dataset folder."""
+    """The handlers, holding the model and the collect folder."""
 
-    def __init__(self, classifier: Classifier, dataset_dir: Path):
-        self.classifier, self.dataset_dir = classifier, dataset_dir.resolve()
-        self.shown_dir = str(dataset_dir)  # as the user gave it
+    def __init__(self, classifier: Classifier, collect_dir: Path):
+        self.classifier, self.collect_dir = classifier, collect_dir.resolve()
+        self.shown_dir = shown_path(collect_dir)
         self.page = PAGE.read_text(encoding="utf-8")
+        self.workers = anyio.CapacityLimiter(WORKERS)
 
     def counts(self) -> dict[str, int]:
         return {
-            label: sum(1 for _ in (self.dataset_dir / label).glob("*.png")) if self._folder_safe(label) else 0
+            label: sum(1 for _ in (self.collect_dir / label).glob("*.png")) if self._folder_safe(label) else 0
             for label in self.classifier.class_names
         }
 
@@ -100,20 +144,24 @@ class DrawingPad:
     def _folder_safe(label: str) -> bool:
         return label not in ("", ".", "..") and not any(c in label for c in "/\\\0")
 
+    async def _work(self, function, *args):
+        """`function(*args)` in a worker thread, at most WORKERS at once: bounds the memory of many uploads."""
+        return await anyio.to_thread.run_sync(function, *args, limiter=self.workers)
+
     async def index(self, request: Request) -> HTMLResponse:
-        return HTMLResponse(self.page)
+        # no other site may show the pad in a frame and trick clicks on its Collect buttons
+        return HTMLResponse(self.page, headers={"Content-Security-Policy": "frame-ancestors 'none'"})
 
     async def info(self, request: Request) -> JSONResponse:
         c = self.classifier
-        return JSONResponse({"model": c.source, "dataset": c.data_name, "classes": c.class_names,
+        return JSONResponse({"model": shown_path(c.source), "dataset": c.data_name, "classes": c.class_names,
                              "collect_dir": self.shown_dir, "counts": self.counts()})
 
     async def predict(self, request: Request) -> JSONResponse:
-        image = decode_image(await _body(request))
-        return JSONResponse(await run_in_threadpool(self._predict, image))
+        return JSONResponse(await self._work(self._predict, await _upload(request)))
 
-    def _predict(self, image: Image.Image) -> dict:
-        seen = _prepare(image)
+    def _predict(self, data: bytes) -> dict:
+        seen = _prepare(decode_image(data))
         probs = self.classifier.probabilities(torch.from_numpy(seen)[None, None].float() / 255)[0]
         top = probs.topk(min(TOP_K, len(probs)))
         names = self.classifier.class_names
@@ -129,21 +177,24 @@ class DrawingPad:
             raise HTTPException(400, f"label {label!r} is not one of the model's classes {self.classifier.class_names}")
         if not self._folder_safe(label):
             raise HTTPException(400, f"label {label!r} cannot be a folder name")
-        image = decode_image(await _body(request))
-        saved = await run_in_threadpool(self._save, image, label)
-        return JSONResponse({"saved": str(saved.relative_to(self.dataset_dir)), "label": label,
+        saved = await self._work(self._save, await _upload(request), label)
+        return JSONResponse({"saved": str(saved.relative_to(self.collect_dir)), "label": label,
                              "counts": self.counts()}, status_code=201)
 
-    def _save(self, image: Image.Image, label: str) -> Path:
+    def _save(self, data: bytes, label: str) -> Path:
+        image = decode_image(data)
         _prepare(image)  # a blank drawing would later stop data=custom training
-        folder = self.dataset_dir / label
+        folder = self.collect_dir / label
         path = folder / f"{uuid.uuid4().hex}.png"
-        if not path.resolve().is_relative_to(self.dataset_dir):  # e.g. the label folder is a symlink out
-            raise HTTPException(400, f"label folder {folder} leads outside the dataset folder")
+        if not path.resolve().is_relative_to(self.collect_dir):  # e.g. the label folder is a symlink out
+            raise HTTPException(400, f"label folder {label} leads outside the collect folder")
         if image.mode not in ("L", "LA", "RGB", "RGBA"):  # palette, CMYK, 16-bit...: keep what prepare_digit saw
             image = image.convert("RGBA")
-        # re-encoded from the decoded pixels: the bytes users sent are never written as they are
-        write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
+        try:  # re-encoded from the decoded pixels: the bytes users sent are never written as they are
+            write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
+        except OSError as err:
+            log.warning("cannot save a drawing in %s: %s", folder, err.strerror or err)
+            raise HTTPException(500, f"cannot save in {self.shown_dir}/{label}: {err.strerror or err}") from None
         return path
 
 
@@ -151,13 +202,20 @@ async def _error(request: Request, exc: HTTPException) -> JSONResponse:
     return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
 
 
-def create_app(classifier: Classifier, dataset_dir: str | Path) -> Starlette:
-    """The app serving `classifier`; collected drawings go to `dataset_dir`/<label>/."""
-    pad = DrawingPad(classifier, Path(dataset_dir))
+async def _disconnected(request: Request, exc: ClientDisconnect) -> Response:
+    log.warning("a client left during its upload to %s; nothing saved", request.url.path)
+    return Response(status_code=400)  # nobody is left to read it
+
+
+def create_app(classifier: Classifier, collect_dir: str | Path,
+               allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS) -> Starlette:
+    """The app serving `classifier` to requests naming one of `allowed_hosts`; drawings go to `collect_dir`/<label>/."""
+    pad = DrawingPad(classifier, Path(collect_dir))
     routes = [
         Route("/", pad.index),
         Route("/api/info", pad.info),
         Route("/api/predict", pad.predict, methods=["POST"]),
         Route("/api/collect", pad.collect, methods=["POST"]),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: _error})
+    return Starlette(routes=routes, exception_handlers={HTTPException: _error, ClientDisconnect: _disconnected},
+                     middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts, www_redirect=False)])
