@@ -132,11 +132,13 @@ def test_bad_input_is_one_line_and_leaves_nothing(tiny_mnist, tmp_path, monkeypa
 
 
 def test_the_table_harness_accepts_a_good_run(tiny_mnist, tmp_path, monkeypatch):
-    """The control: the same settings with nothing wrong train and write their run folder."""
+    """The control: the same settings with nothing wrong train and write their run folder; a registry
+    that does not exist yet (nor its folder) is no error: the first run creates it."""
     monkeypatch.setenv("DIGITNET_DATA", str(tiny_mnist))
-    cfg = compose_config(*FAST, "model=mlp", output_dir=tmp_path / "run")
+    registry = tmp_path / "new" / "registry.db"
+    cfg = compose_config(*FAST, "model=mlp", f"registry.url=sqlite:///{registry}", output_dir=tmp_path / "run")
     assert 0 <= run_task(train, cfg) <= 1
-    assert (tmp_path / "run" / "metrics.json").is_file()
+    assert (tmp_path / "run" / "metrics.json").is_file() and registry.is_file()
 
 
 
