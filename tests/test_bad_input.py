@@ -102,6 +102,8 @@ CASES = [
     (["label_smoothing=1.5"], None, "label_smoothing=1.5 must be in [0, 1)"),
     (["ema_decay=true"], None, "ema_decay=True must be a number"),
     (["optimized_metric=[]"], None, "optimized_metric=[] must be a metric name or a list of them"),
+    (["optimized_metric=val/acc_bset"], None, "optimized_metric=val/acc_bset is not a metric of this run"),
+    (["optimized_metric=test/acc", "test=false"], None, "optimized_metric=test/acc is not a metric of this run"),
     # paths and URLs
     (["init_from={tmp}"], None, "not found; pass a .ckpt file"),
     (["registry.url=foo://bar"], None, "registry.url: cannot open registry foo://bar: Can't load plugin"),

@@ -51,6 +51,8 @@ def instantiate_checked(node: DictConfig, key: str, **kwargs):
 
 # What DigitClassifier logs while fitting: the metrics a callback can monitor.
 FIT_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best")
+# What train() can return besides the test's and the ONNX export's metrics (see metrics.json).
+RUN_METRICS = (*FIT_METRICS, "epochs", "train_seconds", "params")
 # group -> key -> (integer?, test, what is valid); keys that are absent or null are left to the defaults
 RULES = {
     "sched": {
@@ -137,6 +139,10 @@ def _validate_metrics(cfg: DictConfig) -> None:
     _require(isinstance(metric, str) or (isinstance(metric, ListConfig) and len(metric) > 0
                                          and all(isinstance(m, str) for m in metric)),
              f"optimized_metric={metric} must be a metric name or a list of them (e.g. val/acc_best)")
+    for name in [metric] if isinstance(metric, str) else metric:
+        _require(name in RUN_METRICS or name.startswith("onnx/") or (cfg.test and name.startswith("test/")),
+                 f"optimized_metric={name} is not a metric of this run; choose one of {list(RUN_METRICS)}, "
+                 "onnx/... or, with test=true, test/...")
 
 
 def _validate_data(cfg: DictConfig) -> None:
