@@ -171,6 +171,21 @@ def test_a_run_that_failed_while_training_keeps_its_folder(tiny_mnist, tmp_path,
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "run").iterdir())
 
 
+def test_resuming_with_another_network_is_refused_before_training(tiny_mnist, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DIGITNET_DATA", str(tiny_mnist))
+    short = (*FAST, "model=mlp", "test=false", "logger=none", "callbacks.onnx_export=null")
+    train(compose_config(*short, output_dir=tmp_path / "short"))
+    ckpt = tmp_path / "short" / "checkpoints" / "last.ckpt"
+    for change, message in [("model.hidden=[32]", "the checkpoint has model.hidden=[128, 64] (this run: [32])"),
+                            ("data.class_names=[0,1,2,3,4,5,6,7,8,9,x]", "the checkpoint has 10 classes (this run: 11")]:
+        cfg = compose_config(*short, change, f"ckpt_path={ckpt}", output_dir=tmp_path / "resumed")
+        with pytest.raises(SystemExit):
+            run_task(train, cfg)
+        stderr = capsys.readouterr().err
+        assert f"error: ckpt_path={ckpt} does not fit this run's network: {message}" in stderr
+        assert "Traceback" not in stderr and not (tmp_path / "resumed").exists()
+
+
 def test_val_size_as_large_as_the_training_set(real_data, tmp_path):
     cfg = compose_config("data.val_size=60000", "debug=fast_dev_run", "logger=none", output_dir=tmp_path)
     with pytest.raises(DigitnetError, match="data.val_size=60000 must be between 1 and 59999"):

@@ -14,7 +14,7 @@ from torch import nn
 from digitnet.checkpoint import load_checkpoint_of
 from digitnet.data.idx import DATASETS
 from digitnet.errors import DigitnetError
-from digitnet.models import BACKBONES
+from digitnet.models import BACKBONES, build_backbone
 from digitnet.optim import build_optimizer
 from digitnet.registry import Registry
 
@@ -114,7 +114,7 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.ckpt_path is None or cfg.init_from is None,
              "set either ckpt_path (resume a run) or init_from (fine-tune from weights), not both")
     if cfg.ckpt_path is not None:  # Lightning would only read it once training starts
-        load_checkpoint_of(cfg.ckpt_path, cfg.model.name, "ckpt_path")
+        _require_resumable(load_checkpoint_of(cfg.ckpt_path, cfg.model.name, "ckpt_path"), cfg)
     if cfg.registry.enabled and not cfg.trainer.get("fast_dev_run"):  # train() records only real runs
         check_registry(cfg.registry.url)
 
@@ -143,6 +143,25 @@ def _validate_metrics(cfg: DictConfig) -> None:
         _require(name in RUN_METRICS or name.startswith("onnx/") or (cfg.test and name.startswith("test/")),
                  f"optimized_metric={name} is not a metric of this run; choose one of {list(RUN_METRICS)}, "
                  "onnx/... or, with test=true, test/...")
+
+
+def _require_resumable(trained: nn.Module, cfg: DictConfig) -> None:
+    """Resuming restores every weight, so this run's network needs the checkpoint's layer sizes and classes."""
+    model, classes = OmegaConf.to_container(cfg.model, resolve=True), len(cfg.data.class_names)
+    net = build_backbone(num_classes=classes, **model)
+    if _shapes(net) == _shapes(trained.net):
+        return
+    saved, saved_classes = trained.hparams.model, len(trained.hparams.class_names)
+    changes = [f"model.{k}={saved[k]} (this run: {v})" for k, v in model.items() if k in saved and saved[k] != v]
+    if saved_classes != classes:
+        changes.append(f"{saved_classes} classes (this run: {classes}, data.class_names)")
+    raise DigitnetError(f"ckpt_path={cfg.ckpt_path} does not fit this run's network: the checkpoint has "
+                        f"{', '.join(changes) or 'other layer sizes'}; resume with the checkpoint's settings")
+
+
+def _shapes(net: nn.Module) -> list[tuple[int, ...]]:
+    """The shapes of all weights and buffers, in order (the standardising first layer has none)."""
+    return [tuple(tensor.shape) for tensor in net.state_dict().values()]
 
 
 def _validate_data(cfg: DictConfig) -> None:
