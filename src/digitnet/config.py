@@ -115,6 +115,7 @@ def validate(cfg: DictConfig) -> None:
              "set either ckpt_path (resume a run) or init_from (fine-tune from weights), not both")
     if cfg.ckpt_path is not None:  # Lightning would only read it once training starts
         _require_resumable(load_checkpoint_of(cfg.ckpt_path, cfg.model.name, "ckpt_path"), cfg)
+        _require_unfinished(cfg)
     if cfg.registry.enabled and not cfg.trainer.get("fast_dev_run"):  # train() records only real runs
         check_registry(cfg.registry.url)
 
@@ -157,6 +158,18 @@ def _require_resumable(trained: nn.Module, cfg: DictConfig) -> None:
         changes.append(f"{saved_classes} classes (this run: {classes}, data.class_names)")
     raise DigitnetError(f"ckpt_path={cfg.ckpt_path} does not fit this run's network: the checkpoint has "
                         f"{', '.join(changes) or 'other layer sizes'}; resume with the checkpoint's settings")
+
+
+def _require_unfinished(cfg: DictConfig) -> None:
+    """Resuming a run that has done all its planned steps would only test and record the same model again."""
+    checkpoint = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    planned, done = checkpoint.get("planned_steps"), checkpoint.get("global_step", 0)
+    max_epochs = cfg.trainer.get("max_epochs")
+    # only a constant LR can go on for more epochs; a schedule's length is fixed (DigitClassifier.on_train_start)
+    longer = cfg.sched.name == "none" and (max_epochs in (None, -1) or checkpoint.get("epoch", 0) + 1 < max_epochs)
+    _require(planned is None or done < planned or longer,
+             f"ckpt_path={cfg.ckpt_path} is a finished run ({done} of its {planned} planned steps done): nothing is "
+             "left to train. Train it longer with a new schedule from its weights: init_from=<checkpoint>")
 
 
 def _shapes(net: nn.Module) -> list[tuple[int, ...]]:
