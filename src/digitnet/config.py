@@ -162,7 +162,7 @@ def _require_resumable(trained: nn.Module, cfg: DictConfig) -> None:
 
 def _require_unfinished(cfg: DictConfig) -> None:
     """Resuming a run that has done all its planned steps would only test and record the same model again."""
-    checkpoint = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    checkpoint = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True)
     planned, done = checkpoint.get("planned_steps"), checkpoint.get("global_step", 0)
     max_epochs = cfg.trainer.get("max_epochs")
     # only a constant LR can go on for more epochs; a schedule's length is fixed (DigitClassifier.on_train_start)
