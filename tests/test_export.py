@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -257,15 +258,15 @@ def test_graph_that_disagrees_with_pytorch_fails_verification_and_writes_nothing
     assert not (tmp_path / "out.onnx").exists()
 
 
-def test_callback_without_a_checkpoint_exports_the_current_weights(real_data, tmp_path, capsys):
+def test_callback_without_a_checkpoint_exports_the_current_weights(real_data, tmp_path, caplog):
     callback = OnnxExport(test_images=300)
     trainer = L.Trainer(max_steps=1, limit_val_batches=0, enable_checkpointing=False, logger=False, callbacks=[callback],
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    with pytest.warns(UserWarning, match="no best checkpoint"):
+    with pytest.warns(UserWarning, match="no best checkpoint"), caplog.at_level(logging.INFO, logger="digitnet.export"):
         module = DigitClassifier(model={"name": "mlp", "hidden": [16]}, optim={"_target_": "torch.optim.SGD", "lr": 0.1},
                                  sched={"name": "none"})
         trainer.fit(module, DigitDataModule(batch_size=16))
-    assert (tmp_path / "model.onnx").is_file() and str(tmp_path / "model.onnx") in capsys.readouterr().out
+    assert (tmp_path / "model.onnx").is_file() and str(tmp_path / "model.onnx") in caplog.text
     assert callback.run_metrics["onnx/test_images"] == 300
     assert callback.run_metrics["onnx/test_acc"] == callback.run_metrics["onnx/torch_test_acc"]
 

@@ -53,8 +53,8 @@ def load(cwd: Path, study: str = "demo", storage: str | None = None) -> optuna.S
 
 
 def started_trials(output: str) -> list[int]:
-    """Trial numbers a worker launched, from its console lines 'trial k/n: ...'."""
-    return [int(k) - 1 for k in re.findall(r"trial (\d+)/\d+: ", output)]
+    """Trial numbers a worker launched, from its console lines 'trial #k (k+1 of n): ...'."""
+    return [int(k) for k in re.findall(r"trial #(\d+) \(\d+ of \d+\): ", output)]
 
 
 def assert_exactly_ended(study: optuna.Study, n_trials: int) -> None:
@@ -65,7 +65,7 @@ def assert_exactly_ended(study: optuna.Study, n_trials: int) -> None:
 
 def test_sweep_writes_report_resumes_and_extends(tmp_path):
     out = sweep(tmp_path, *SPACE, "hydra.sweeper.n_trials=6")
-    assert "trial 6/6 ended | best" in out
+    assert "6 of 6 trials ended | best" in out
     study = load(tmp_path)
     assert_exactly_ended(study, 6)
     sweep_dir = tmp_path / "sweeps" / "demo"
@@ -106,6 +106,7 @@ def test_sweep_writes_report_resumes_and_extends(tmp_path):
         (["x=interval(0.8,0.2)"], r"x: interval\(0.8, 0.2\) is empty"),
         (["x=interval(0,1)", "hydra.sweeper.storage=postgresql+psycopg2://u@127.0.0.1:9/db"],
          "cannot open sweep storage"),
+        (["x=interval(0,1)", "hydra.sweeper.n_jobs=0"], "hydra.sweeper.n_jobs must be at least 1, got 0"),
         (["x=interval(0,1)", "optimized_metric=[val/acc_best,params]",
           "hydra.sweeper.direction=[maximize,minimize]"], "Optuna cannot prune multi-objective"),
     ],
@@ -127,6 +128,14 @@ def test_failed_trials_are_recorded_and_the_sweep_goes_on(tmp_path):
         crashed = t.params["x"] > 0.5
         assert (t.state == TrialState.FAIL) == crashed
         assert (t.user_attrs.get("error") == f"RuntimeError: diverged at x={t.params['x']}") == crashed
+
+
+@pytest.mark.parametrize("crash_as, traceback", [("runtime", True), ("digitnet", False)])
+def test_a_failed_trial_shows_a_traceback_only_for_a_bug(tmp_path, crash_as, traceback):
+    out = sweep(tmp_path, *SPACE, "crash_above=-1", f"crash_as={crash_as}", "hydra.sweeper.n_trials=1",
+                "hydra.sweeper.max_failure_rate=1.0")
+    assert re.search(r"trial #0 failed: \w+Error: diverged at x=", out)
+    assert ("Traceback" in out) == traceback
 
 
 def test_too_many_failures_stop_the_sweep(tmp_path):

@@ -10,7 +10,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from digitnet.errors import DigitnetError
 from digitnet.sweep.study import make_pruner, make_sampler
 from hydra_plugins.digitnet_optuna_sweeper.search_space import parse_search_space
-from hydra_plugins.digitnet_optuna_sweeper.sweeper import objective_values, override_value
+from hydra_plugins.digitnet_optuna_sweeper.sweeper import override_value
+from hydra_plugins.digitnet_optuna_sweeper.trial_task import objective_values
 
 PARSER = OverridesParser.create()
 

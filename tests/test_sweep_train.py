@@ -1,5 +1,6 @@
 """The sweeper with the real train.py: example sweeps compose, a tiny real sweep prunes/reports."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +58,20 @@ def test_tiny_real_sweep_reports_every_epoch_and_writes_runs(real_data, tmp_path
     best = yaml.safe_load((sweep_dir / "best.yaml").read_text())
     assert best["best"]["value"] == study.best_value
     assert "optim.lr=" in best["best"]["command"] and "model=mlp" in best["best"]["command"]
+
+
+def test_tiny_real_sweep_runs_trials_in_parallel_with_joblib(real_data, tmp_path):
+    train_sweep(tmp_path, *TINY, "optim.lr=tag(log,interval(1e-3,1e-2))", "hydra.sweeper.study_name=par",
+                "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "hydra/launcher=joblib",
+                "hydra.sweeper.monitor=val/acc")
+    sweep_dir = tmp_path / "sweeps" / "par"
+    study = optuna.load_study(study_name="par", storage=f"sqlite:///{sweep_dir}/study.db")
+    a, b = study.trials
+    assert [a.state, b.state] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete
+    assert a.user_attrs["worker"] != b.user_attrs["worker"]  # two processes
+    # that share the cores rather than each using them all
+    assert a.user_attrs["torch_threads"] == b.user_attrs["torch_threads"] == max(1, os.cpu_count() // 2)
+    for trial in (a, b):
+        assert sorted(trial.intermediate_values) == [0, 1]  # pruning reports from the worker
+        assert (sweep_dir / str(trial.number) / "metrics.json").is_file()

@@ -2,18 +2,66 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import secrets
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+from digitnet.errors import DigitnetError
+
+_ADVICE = {
+    errno.ENOSPC: "free some disk space or write to another disk",
+    errno.EDQUOT: "free some of your disk quota or write to another disk",
+    errno.EACCES: "choose a folder you can write to",
+    errno.EPERM: "choose a folder you can write to",
+    errno.EROFS: "the file system is read-only; choose a folder on a writable one",
+}
+
+T = TypeVar("T")
 
 
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """`write` a temp file beside `path`, then rename it: readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def write_atomically(path: str | Path, write: Callable[[Path], T]) -> T:
+    """`write` a temp file beside `path`, flush it to disk, rename it over `path`; returns what `write` returns.
+
+    Readers, and a crash or kill at any moment, see the old file or the whole new one; a killed
+    process at worst leaves a hidden `.<name>.<random>.tmp` beside it, which no glob for images
+    or models picks up (so `write` must name its format: savefig(format=...), not by suffix).
+    A failed write removes the temp file; an OS error (full disk, unwritable folder) becomes one
+    DigitnetError.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        write(tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        result = write(tmp)
+        _fsync(tmp)  # the data is on disk before the rename makes it the file
         os.replace(tmp, path)
+        if os.name != "nt":  # Windows cannot open a folder to sync it
+            _fsync(path.parent)  # and the rename itself
+        return result
+    except OSError as err:
+        _remove(tmp)
+        advice = _ADVICE.get(err.errno)
+        raise DigitnetError(
+            f"could not write {path}: {err.strerror or err}" + (f"; {advice}" if advice else "")
+        ) from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise
+
+
+def _remove(tmp: Path) -> None:
+    """Best effort: the error that made the write fail is the one to report."""
+    with contextlib.suppress(OSError):
+        tmp.unlink()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

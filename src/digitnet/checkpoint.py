@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import io
+import logging
+import shutil
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch import callbacks
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from digitnet.atomic import write_atomically
 from digitnet.errors import DigitnetError
+
+log = logging.getLogger(__name__)
 
 
 def load_checkpoint(path: str | Path) -> L.LightningModule:
@@ -52,3 +60,50 @@ def load_checkpoint_of(path: str | Path, model_name: str, key: str) -> L.Lightni
             f"add model={trained} to the command"
         )
     return module
+
+
+class ModelCheckpoint(callbacks.ModelCheckpoint):
+    """Lightning's ModelCheckpoint that keeps the best-so-far when a run resumes into a new run dir.
+
+    Lightning forgets the old run's top-k checkpoints and their scores when the folder changed, so
+    the resumed run would test and export its own best epoch even if an earlier one was better.
+    Here the old checkpoints are copied into the new folder and tracked as if saved there (so the
+    old run dir is never touched). Same class name as Lightning's: its state key in checkpoints
+    is the class name, so checkpoints of either class resume with the other.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.dirpath is not None and state_dict.get("dirpath") not in (None, self.dirpath):
+            state_dict = self._carried_over(state_dict)
+        super().load_state_dict(state_dict)
+
+    def _carried_over(self, state: dict[str, Any]) -> dict[str, Any]:
+        """`state` with its checkpoints (top k, and the best of a callback without a monitor) copied here."""
+        old_paths = {*state.get("best_k_models", {}), state.get("best_model_path", "")} - {""}
+        if not all(Path(p).is_file() for p in old_paths):
+            log.warning("the checkpoints of the run resumed from are gone; its best-so-far is forgotten")
+            return state
+        moved = {old: str(Path(self.dirpath) / Path(old).name) for old in old_paths}
+        for old, new in moved.items():
+            write_atomically(Path(new), lambda tmp, old=old: shutil.copyfile(old, tmp))
+        return state | {
+            "dirpath": self.dirpath,
+            "best_k_models": {moved[old]: score for old, score in state.get("best_k_models", {}).items()},
+            "best_model_path": moved.get(state.get("best_model_path", ""), ""),
+            "kth_best_model_path": moved.get(state.get("kth_best_model_path", ""), ""),
+            "last_model_path": "",  # the old run's last.ckpt is not this callback's to replace
+        }
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writing through `write_atomically`.
+
+    Lightning writes the temp file into the system temp dir and moves it into place, which on
+    another file system is a copy (a kill mid-copy leaves a truncated .ckpt); nothing is fsynced,
+    and a full disk is a traceback. Here: temp file beside the checkpoint, fsync, rename, one line.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)  # into a file, torch reports a full disk as a RuntimeError
+        write_atomically(Path(path), lambda tmp: tmp.write_bytes(buffer.getbuffer()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import shutil
 import sys
@@ -22,16 +23,30 @@ def run_task(task: Callable, cfg):
 
     A single run that failed before writing anything of its own leaves no run dir behind.
     In a multirun the error propagates, so the sweeper can record the trial as failed and go on.
+    Either way, the error (or an unexpected exception's traceback) also goes into the run's log file.
     """
+    from digitnet import console  # imports Lightning: not for `digitnet --version`
+
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    console.setup(multi_node=(cfg.get("trainer") or {}).get("num_nodes", 1) > 1, sweep_trial=multirun)
     try:
         return task(cfg)
     except DigitnetError as err:
-        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        console.log_error_to_file(f"error: {err}")
+        if multirun:
             raise
         print(f"error: {err}", file=sys.stderr)
         if HydraConfig.initialized():
             _remove_unused_run_dir()
         sys.exit(2)
+    except Exception as err:
+        from optuna import TrialPruned  # raised by a sweep trial's pruning callback
+
+        if isinstance(err, TrialPruned):  # the sweep goes on: not a failure
+            logging.getLogger(__name__).info("%s", err)
+        else:  # Hydra prints the traceback on the console
+            console.log_error_to_file("the run failed:", exc_info=True)
+        raise
 
 
 def _remove_unused_run_dir() -> None:

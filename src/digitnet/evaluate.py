@@ -28,8 +28,9 @@ from torchmetrics.functional.classification import (
 from digitnet.data.idx import load_split
 from digitnet.errors import DigitnetError
 from digitnet.atomic import write_atomically
-from digitnet.classifier import Classifier, load_classifier
+from digitnet.classifier import BATCH, Classifier, load_classifier
 from digitnet.config import validate_eval
+from digitnet.console import progress
 from digitnet.robustness import CORRUPTIONS, robustness_table
 
 matplotlib.use("Agg")  # figures are files; no display needed
@@ -187,6 +188,11 @@ def render_report(classifier: Classifier, ev: Evaluation, table: dict, top_pairs
     ]) + "\n"
 
 
+def predict(probabilities, x: torch.Tensor, desc: str, progress_bar: bool) -> torch.Tensor:
+    """`probabilities(x)` in batches, with a progress bar."""
+    return torch.cat([probabilities(chunk) for chunk in progress(x.split(BATCH), desc=desc, enabled=progress_bar)])
+
+
 def _log_tensorboard(run_dir: Path, confusion_figure, metrics: dict) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
@@ -206,12 +212,14 @@ def evaluate(cfg: DictConfig) -> float:
     images, labels = load_split(classifier.data_name, "test", root=cfg.data.root)
     images, labels = images[: cfg.data.limit], labels[: cfg.data.limit]
     x = images[:, None].float() / 255  # the training input convention
-    ev = Evaluation(list(classifier.class_names), classifier.probabilities(x), labels, n_bins=cfg.calibration_bins)
+    log.info("predicting the %s test images with %s ...", f"{len(x):,}", classifier.source)
+    probs = predict(classifier.probabilities, x, "test images", cfg.progress_bar)
+    ev = Evaluation(list(classifier.class_names), probs, labels, n_bins=cfg.calibration_bins)
     if cfg.tta_hflip:  # test-time augmentation: a metric of its own beside test/acc, never in its place
-        mirrored = classifier.probabilities(x.flip(-1))
+        mirrored = predict(classifier.probabilities, x.flip(-1), "mirrored test images", cfg.progress_bar)
         ev.metrics["test/acc_tta_hflip"] = ((ev.probs + mirrored).argmax(1) == labels).float().mean().item()
     strengths = OmegaConf.to_container(cfg.robustness, resolve=True)
-    table = robustness_table(classifier.probabilities, x, labels, strengths, seed=cfg.seed)
+    table = robustness_table(classifier.probabilities, x, labels, strengths, seed=cfg.seed, progress_bar=cfg.progress_bar)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     confusion_figure, _ = ev.confusion_metric.plot(labels=ev.class_names)

@@ -13,6 +13,7 @@ import copy
 import io
 import json
 import logging
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -26,7 +27,9 @@ import torch
 from torch import nn
 
 import digitnet
+from digitnet.atomic import write_atomically
 from digitnet.checkpoint import load_checkpoint
+from digitnet.console import progress
 from digitnet.errors import DigitnetError
 
 log = logging.getLogger(__name__)
@@ -144,13 +147,15 @@ def _set_metadata(proto: onnx.ModelProto, entries: dict[str, str]) -> None:
         proto.metadata_props.add(key=key, value=value)
 
 
-def _onnx_probabilities(proto: onnx.ModelProto, images: torch.Tensor) -> np.ndarray:
+def _onnx_probabilities(proto: onnx.ModelProto, images: torch.Tensor, desc: str = "onnxruntime",
+                        progress_bar: bool = True) -> np.ndarray:
     """Run the file's bytes in onnxruntime over float [N,1,28,28] images, in batches if the graph allows."""
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     batch_dim = session.get_inputs()[0].shape[0]
     batch = VERIFY_BATCH if not isinstance(batch_dim, int) else batch_dim
     x = images.numpy()
-    return np.concatenate([session.run(["output"], {"input": x[i : i + batch]})[0] for i in range(0, len(x), batch)])
+    starts = progress(range(0, len(x), batch), desc=desc, enabled=progress_bar)
+    return np.concatenate([session.run(["output"], {"input": x[i : i + batch]})[0] for i in starts])
 
 
 def _check_contract(proto: onnx.ModelProto) -> None:
@@ -181,11 +186,13 @@ def export_onnx(
     int8: bool = False,
     data_root: str | Path | None = None,
     test_images: int | None = None,
+    progress_bar: bool = True,
 ) -> ExportReport:
     """Export `module.net` + softmax to `path`, verify it on the test set, then write it.
 
     Nothing is written unless verification passes: onnx.checker (full), max |dprob| <= 1e-5
     against PyTorch and equal test accuracy. `test_images` limits the test set (default: all).
+    `progress_bar` shows bars for the passes over the test set (on a terminal).
     """
     start = time.perf_counter()
     hparams = module.hparams
@@ -197,9 +204,11 @@ def export_onnx(
     _check_contract(proto)
 
     x, y = _test_images(data_name, class_names, data_root, test_images)
+    log.info("verifying %s against PyTorch on %s test images ...", Path(path).name, f"{len(y):,}")
     with torch.inference_mode():
-        torch_probs = torch.cat([model(chunk) for chunk in x.split(VERIFY_BATCH)]).numpy()
-    onnx_probs = _onnx_probabilities(proto, x)
+        chunks = progress(x.split(VERIFY_BATCH), desc="PyTorch", enabled=progress_bar)
+        torch_probs = torch.cat([model(chunk) for chunk in chunks]).numpy()
+    onnx_probs = _onnx_probabilities(proto, x, progress_bar=progress_bar)
     max_abs_diff = float(np.abs(onnx_probs - torch_probs).max())
     torch_acc = float((torch_probs.argmax(1) == y.numpy()).mean())
     onnx_acc = float((onnx_probs.argmax(1) == y.numpy()).mean())
@@ -220,38 +229,44 @@ def export_onnx(
         "digitnet_version": digitnet.__version__,
     })
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(proto, path)
+    write_atomically(path, lambda tmp: onnx.save(proto, tmp))
     report = ExportReport(path, len(y), torch_acc, onnx_acc, max_abs_diff, time.perf_counter() - start)
     if int8:
-        report.int8_path, report.int8_test_acc = _write_int8(path, x, y)
+        report.int8_path, report.int8_test_acc = _write_int8(proto, path.with_suffix(".int8.onnx"), x, y, progress_bar)
     return report
 
 
-def _write_int8(path: Path, x: torch.Tensor, y: torch.Tensor) -> tuple[Path, float]:
+def _write_int8(
+    proto: onnx.ModelProto, int8_path: Path, x: torch.Tensor, y: torch.Tensor, progress_bar: bool
+) -> tuple[Path, float]:
     """Dynamic int8 quantisation: int8 weights, activation ranges computed per input at run time,
     so the raw-0-255 / 0-1 / standardised input contract still holds (a calibrated static range
     would clip inputs of another scale)."""
+    def write(tmp: Path) -> float:
+        quantized = _quantize(proto, tmp)
+        _check_contract(quantized)
+        probabilities = _onnx_probabilities(quantized, x, "onnxruntime int8", progress_bar)
+        acc = float((probabilities.argmax(1) == y.numpy()).mean())
+        _set_metadata(quantized, {"test_accuracy": f"{acc:.4f}", "quantization": "int8 dynamic (onnxruntime)"})
+        onnx.save(quantized, tmp)
+        return acc
+
+    log.info("quantising to %s and measuring its test accuracy ...", int8_path.name)
+    return int8_path, write_atomically(int8_path, write)
+
+
+def _quantize(proto: onnx.ModelProto, out: Path) -> onnx.ModelProto:
+    """Quantise into `out`; from the proto, as from a path the quantiser writes a side file beside it."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    int8_path = path.with_suffix(".int8.onnx")
     # onnxruntime's CPU ConvInteger kernel only takes uint8 weights. The quantiser's advice to
     # pre-process first is silenced: that step adds opset domains the exercise's runtime lacks.
     logging.disable(logging.WARNING)
     try:
-        quantize_dynamic(path, int8_path, weight_type=QuantType.QUInt8)
+        quantize_dynamic(proto, out, weight_type=QuantType.QUInt8)
     finally:
         logging.disable(logging.NOTSET)
-    proto = onnx.load(int8_path)
-    try:
-        _check_contract(proto)
-    except DigitnetError:
-        int8_path.unlink()
-        raise
-    acc = float((_onnx_probabilities(proto, x).argmax(1) == y.numpy()).mean())
-    _set_metadata(proto, {"test_accuracy": f"{acc:.4f}", "quantization": "int8 dynamic (onnxruntime)"})
-    onnx.save(proto, int8_path)
-    return int8_path, acc
+    return onnx.load(out)
 
 
 def export_checkpoint(checkpoint: str | Path, path: str | Path, **kwargs) -> ExportReport:
@@ -295,9 +310,10 @@ class OnnxExport(L.Callback):
             module = pl_module
         data_root = getattr(trainer.datamodule, "root", None)  # verify on the data the run used
         path = Path(self.dirpath or trainer.default_root_dir) / self.filename
-        report = export_onnx(module, path, data_root=data_root, **self.options)
+        progress_bar = trainer.progress_bar_callback is not None
+        report = export_onnx(module, path, data_root=data_root, progress_bar=progress_bar, **self.options)
         self.run_metrics = report.metrics()
-        print(report.summary())
+        log.info(report.summary())
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -315,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", help="dataset root for verification (default: $DIGITNET_DATA or data/)")
     parser.add_argument("--test-images", type=int, help="verify on the first N test images only (default: all)")
     args = parser.parse_args(argv)
+    # the progress lines of a long verification, on stdout like the summary (stderr: errors only)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     report = export_checkpoint(
         args.checkpoint,
         args.output or args.checkpoint.with_suffix(".onnx"),

@@ -58,6 +58,7 @@ class DigitClassifier(L.LightningModule):
         self.val_confusion = MulticlassConfusionMatrix(num_classes)
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         self._checkpoint_plan: int | None = None  # planned optimizer steps of a checkpoint resumed from
+        self.checkpoint_metrics: dict[str, float] = {}  # the fit's metrics when the loaded checkpoint was saved
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -92,7 +93,9 @@ class DigitClassifier(L.LightningModule):
         return loss
 
     def on_train_start(self):
-        self.val_acc_best.reset()  # forget the sanity-check validation
+        self.val_acc_best.reset()  # forget the sanity-check validation, not the epochs before a resume
+        if "val/acc_best" in self.checkpoint_metrics:
+            self.val_acc_best.update(self.checkpoint_metrics["val/acc_best"])
         planned = int(self.trainer.estimated_stepping_batches)
         if self._checkpoint_plan not in (None, planned) and self.hparams.sched.get("name", "none") != "none":
             # the restored LR schedule keeps its old length: OneCycle would fail when it runs out, cosine would rise again
@@ -105,9 +108,19 @@ class DigitClassifier(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["planned_steps"] = int(self.trainer.estimated_stepping_batches)
+        checkpoint["fit_metrics"] = self._fit_metrics()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._checkpoint_plan = checkpoint.get("planned_steps")
+        self.checkpoint_metrics = checkpoint.get("fit_metrics", {})
+
+    def _fit_metrics(self) -> dict[str, float]:
+        """The scalars logged so far, with this epoch's train/acc (Lightning logs it after the checkpoint):
+        what a run resumed from this checkpoint with no epoch left to train reports."""
+        metrics = {k: v.item() for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
+        if self.train_acc.update_called:
+            metrics["train/acc"] = self.train_acc.compute().item()
+        return metrics
 
     def validation_step(self, batch, batch_idx: int):
         loss, preds, y = self._step(batch)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from digitnet.data.augment import affine_theta, gaussian_blur
+from digitnet.console import progress
 from digitnet.errors import DigitnetError
 
 log = logging.getLogger(__name__)
@@ -81,22 +82,30 @@ def robustness_table(
     labels: Tensor,
     strengths: Mapping[str, Sequence[float]],
     seed: int = 0,
+    progress_bar: bool = True,
 ) -> dict[str, list[tuple[float, float]]]:
     """{corruption: [(strength, accuracy), ...]} for float images `x` [N,1,28,28] in [0,1]."""
     unknown = sorted(set(strengths) - set(CORRUPTIONS))
     if unknown:
         raise DigitnetError(f"unknown robustness corruption(s) {unknown}; choose from {sorted(CORRUPTIONS)}")
-    table = {}
     for name, levels in strengths.items():
-        _, corrupt, (low, high) = CORRUPTIONS[name]
+        low, high = CORRUPTIONS[name][2]
         bad = [s for s in levels if not low <= s <= high]
         if bad:
             raise DigitnetError(f"robustness.{name} strengths {bad} are outside [{low}, {high}]")
-        rows = []
-        for strength in levels:
-            gen = torch.Generator(device=x.device).manual_seed(seed)  # every cell sees the same directions
-            predicted = probabilities(corrupt(x, float(strength), gen)).argmax(1)
-            rows.append((float(strength), (predicted == labels.to(predicted.device)).float().mean().item()))
-        table[name] = rows
-        log.info("robustness %-9s %s", name, "  ".join(f"{s:g}: {a:.4f}" for s, a in rows))  # progress on slow CPUs
+    cells = sum(len(levels) for levels in strengths.values())
+    log.info("robustness: accuracy on %d corrupted copies of the %s test images ...", cells, f"{len(x):,}")
+    table = {}
+    with progress(total=cells, desc="robustness", enabled=progress_bar) as bar:
+        for name, levels in strengths.items():
+            corrupt = CORRUPTIONS[name][1]
+            rows = []
+            for strength in levels:
+                bar.set_postfix_str(f"{name} {strength:g}")
+                gen = torch.Generator(device=x.device).manual_seed(seed)  # every cell sees the same directions
+                predicted = probabilities(corrupt(x, float(strength), gen)).argmax(1)
+                rows.append((float(strength), (predicted == labels.to(predicted.device)).float().mean().item()))
+                bar.update()
+            table[name] = rows
+            log.info("robustness %-9s %s", name, "  ".join(f"{s:g}: {a:.4f}" for s, a in rows))
     return table

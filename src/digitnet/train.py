@@ -13,8 +13,11 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from digitnet.checkpoint import load_checkpoint_of
+from digitnet.atomic import write_atomically
+from digitnet.board import log_hparams
+from digitnet.checkpoint import AtomicCheckpointIO, load_checkpoint_of
 from digitnet.config import instantiate_checked, validate
+from digitnet.console import result_line
 from digitnet.ema import EMA
 from digitnet.errors import DigitnetError
 from digitnet.module import DigitClassifier
@@ -93,26 +96,29 @@ def train(cfg: DictConfig) -> float | list[float]:
     if cfg.ema_decay is not None:
         callbacks.append(EMA(cfg.ema_decay))
     trainer: L.Trainer = instantiate_checked(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False,
-                                              default_root_dir=run_dir)
+                                              default_root_dir=run_dir, plugins=[AtomicCheckpointIO()])
 
     start = time.perf_counter()
     trainer.fit(module, datamodule, ckpt_path=cfg.ckpt_path)
     fit_seconds = time.perf_counter() - start
-    fit_metrics = _scalars(trainer)  # testing replaces the trainer's metrics
+    # testing replaces the trainer's metrics; a run resumed after its last epoch logged none
+    fit_metrics = _scalars(trainer) or module.checkpoint_metrics
     if cfg.test:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(module, datamodule, ckpt_path=best or None, verbose=False)
 
     metrics = _final_metrics(trainer, module, fit_metrics, fit_seconds)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_atomically(run_dir / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
     if cfg.registry.enabled and not trainer.fast_dev_run:  # a smoke test leaves no model to keep
         record_id = record_run(cfg.registry.url, OmegaConf.to_container(cfg, resolve=True), metrics, run_dir)
         log.info("recorded as model %s in the registry (`digitnet models show %s`)", record_id, record_id[:8])
+    logged = set(fit_metrics) | set(_scalars(trainer))  # already in the loggers, as curves
     for logger in loggers:
-        if isinstance(logger, TensorBoardLogger):  # the hparams table with the final metrics
-            scalars = {k: v for k, v in metrics.items() if "/" in k and isinstance(v, (int, float))}
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True), scalars)
-    log.info("run dir: %s  (test/acc=%s)", run_dir.resolve(), metrics.get("test/acc"))
+        if isinstance(logger, TensorBoardLogger) and not trainer.fast_dev_run:  # the HPARAMS tab
+            final = {k: v for k, v in metrics.items() if k not in logged}
+            log_hparams(logger, OmegaConf.to_container(cfg, resolve=True), final, trainer.global_step)
+    log.info(result_line(metrics, trainer.fast_dev_run, cfg.test))
+    log.info("run dir: %s", run_dir.resolve())
 
     wanted = [cfg.optimized_metric] if isinstance(cfg.optimized_metric, str) else list(cfg.optimized_metric)
     unknown = [name for name in wanted if name not in metrics]

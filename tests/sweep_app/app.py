@@ -13,6 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from digitnet.errors import DigitnetError
 from digitnet.sweep.trial_reporter import TrialReporter
 
 PRUNING_CALLBACK = "digitnet.sweep.pruning.OptunaPruning"
@@ -35,7 +36,7 @@ def main(cfg: DictConfig) -> float | list[float]:
     for epoch in range(cfg.epochs):
         time.sleep(cfg.seconds_per_epoch)
         if cfg.crash_above is not None and cfg.x > cfg.crash_above:
-            raise RuntimeError(f"diverged at x={cfg.x}")
+            raise {"runtime": RuntimeError, "digitnet": DigitnetError}[cfg.crash_as](f"diverged at x={cfg.x}")
         acc = accuracy(cfg, epoch)
         best, epochs = max(best, acc), epoch + 1
         epoch_metrics = {"val/acc": acc, "val/acc_best": best}

@@ -10,8 +10,6 @@ import argparse
 import csv
 import io
 import logging
-import os
-import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -22,6 +20,7 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
+from digitnet.atomic import write_atomically
 from digitnet.errors import DigitnetError
 from digitnet.sweep.study import load_study
 
@@ -29,18 +28,20 @@ log = logging.getLogger(__name__)
 
 
 def summary_line(study: optuna.Study, n_trials: int) -> str:
-    """``trial 5/12 ended | best 0.9312 (trial 3) | 2 pruned, 0 failed`` for the console."""
+    """``5 of 12 trials ended | best 0.9312 (trial #3) | 2 pruned, 0 failed`` for the console.
+
+    Trials are named ``#<Optuna trial number>`` as their folders are, counting from 0."""
     trials = [t for t in study.get_trials(deepcopy=False) if t.number < n_trials]
     counts = Counter(t.state for t in trials)
     ended = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED] + counts[TrialState.FAIL]
     if len(study.directions) > 1:
         best = f"pareto front of {len(study.best_trials)}"
     elif counts[TrialState.COMPLETE]:
-        best = f"best {study.best_value:.4g} (trial {study.best_trial.number})"
+        best = f"best {study.best_value:.4g} (trial #{study.best_trial.number})"
     else:
         best = "no complete trial yet"
     return (
-        f"trial {ended}/{n_trials} ended | {best} | {counts[TrialState.PRUNED]} pruned, "
+        f"{ended} of {n_trials} trials ended | {best} | {counts[TrialState.PRUNED]} pruned, "
         f"{counts[TrialState.FAIL]} failed | {epochs_trained(trials)} epochs trained"
     )
 
@@ -52,11 +53,11 @@ def epochs_trained(trials: list[FrozenTrial]) -> int:
 
 def write_report(study: optuna.Study, out_dir: Path) -> Path:
     """Write best.yaml, trials.csv and plots/ into ``out_dir``; returns ``out_dir``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)  # created by the first write, which says so if it cannot
     trials = study.get_trials(deepcopy=False)
-    _write_atomically(out_dir / "best.yaml", yaml.safe_dump(best_summary(study), sort_keys=False))
-    _write_atomically(out_dir / "trials.csv", trials_csv(trials, len(study.directions)))
+    best = yaml.safe_dump(best_summary(study), sort_keys=False)
+    write_atomically(out_dir / "best.yaml", lambda tmp: tmp.write_text(best))
+    write_atomically(out_dir / "trials.csv", lambda tmp: tmp.write_text(trials_csv(trials, len(study.directions))))
     _write_plots(study, out_dir / "plots")
     return out_dir
 
@@ -142,17 +143,10 @@ def _write_plots(study: optuna.Study, plot_dir: Path) -> None:
             log.info("skipped plot %s: %s", name, err)
             continue
         figure = axes.flat[0].figure if hasattr(axes, "flat") else axes.figure
-        with tempfile.NamedTemporaryFile(dir=plot_dir, suffix=".png", delete=False) as tmp:
-            figure.savefig(tmp, format="png", bbox_inches="tight")
-        os.replace(tmp.name, plot_dir / f"{name}.png")
-        plt.close(figure)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Concurrent workers may write the same report: readers never see half a file."""
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
+        try:
+            write_atomically(plot_dir / f"{name}.png", lambda tmp: figure.savefig(tmp, format="png", bbox_inches="tight"))
+        finally:
+            plt.close(figure)
 
 
 def _storage_url(storage: str) -> str:

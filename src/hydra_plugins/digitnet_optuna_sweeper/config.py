@@ -15,6 +15,9 @@ class DigitnetOptunaSweeperConf:
     storage: Optional[str] = None
     # Trials the study should end with (complete + pruned + failed), over all workers and runs.
     n_trials: int = 20
+    # Trials launched together as one batch by hydra/launcher: joblib, submitit_local and
+    # submitit_slurm run them in parallel, the basic launcher one after the other.
+    n_jobs: int = 1
     # "maximize" / "minimize", or a list of them when the task returns a list of values.
     direction: Any = "maximize"
     # tpe | random | grid | cmaes | nsgaii, or {name: tpe, <constructor kwargs>}

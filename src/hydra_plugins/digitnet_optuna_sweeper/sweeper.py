@@ -1,25 +1,29 @@
-"""The Hydra sweeper: asks Optuna for trials, launches each as a normal Hydra job, tells results.
+"""The Hydra sweeper: asks Optuna for trials, launches them as normal Hydra jobs, tells results.
 
-One trial per launch, numbered like its Optuna trial (``hydra.job.num`` = trial number), so
-``hydra.sweep.subdir: ${hydra.job.num}`` puts trial k in ``<sweep dir>/k``. Parallelism is
-Optuna's: start the same command in more processes or machines against one storage.
+Each launch is a batch of up to ``n_jobs`` trials, run by the configured ``hydra/launcher``
+(basic: one after the other; joblib, submitit_local, submitit_slurm: in parallel). Trial k
+always runs in ``<sweep dir>/k`` (``hydra.sweep.subdir=k``), whatever the job's number. More
+parallelism: start the same command in more processes or machines against one storage.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import shlex
 import sys
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Mapping
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.plugins import Plugins
-from hydra.core.utils import JobReturn, JobStatus
+from hydra.core.utils import JobReturn
 from hydra.errors import HydraException
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
@@ -27,6 +31,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from optuna.distributions import CategoricalDistribution, IntDistribution
 from optuna.trial import TrialState
 
+from digitnet.atomic import write_atomically
 from digitnet.errors import DigitnetError
 from digitnet.sweep import budget, report
 from digitnet.sweep.study import (
@@ -39,10 +44,22 @@ from digitnet.sweep.study import (
 )
 
 from .search_space import Param, SearchSpace, parse_search_space
+from .trial_task import OUTCOME, WORKER, StudyAccess, TrialTask
 
 log = logging.getLogger(__name__)
 
 PRUNING_CALLBACK = "++callbacks.optuna_pruning"
+
+
+class _QuietLauncher(logging.Filter):
+    """Drops Hydra's launcher lines: `Launching 1 jobs locally` and each job's overrides, which
+    repeat the trial line's parameters plus the internal pruning-callback settings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not re.match(r"Launching \d+ jobs locally$|\t#\d+ : ", record.getMessage())
+
+
+_QUIET_LAUNCHER = _QuietLauncher()
 
 
 class DigitnetOptunaSweeper(Sweeper):
@@ -51,15 +68,18 @@ class DigitnetOptunaSweeper(Sweeper):
         self.hydra_context: HydraContext | None = None
         self.config: DictConfig | None = None
         self.launcher = None
+        self.task: TrialTask | None = None
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
         self.hydra_context = hydra_context
         self.config = config
+        self.task = TrialTask(task_function)
         self.launcher = Plugins.instance().instantiate_launcher(
-            hydra_context=hydra_context, task_function=task_function, config=config
+            hydra_context=hydra_context, task_function=self.task, config=config
         )
+        logging.getLogger(type(self.launcher).__module__).addFilter(_QUIET_LAUNCHER)
 
     def sweep(self, arguments: list[str]) -> optuna.Study:
         try:
@@ -79,6 +99,8 @@ class DigitnetOptunaSweeper(Sweeper):
                 "nothing to search: set hydra.sweeper.params or sweep on the command line, "
                 "e.g. 'optim.lr=tag(log, interval(1e-4, 1e-1))' or 'model=cnn,mlp'"
             )
+        if conf.n_jobs < 1:
+            raise DigitnetError(f"hydra.sweeper.n_jobs must be at least 1, got {conf.n_jobs}")
         self._check_composes(space)
         directions = [conf.direction] if isinstance(conf.direction, str) else list(conf.direction)
         monitor = self._monitor(directions)
@@ -97,23 +119,39 @@ class DigitnetOptunaSweeper(Sweeper):
         next_number = len(study.get_trials(deepcopy=False))
         seed = None if conf.seed is None else conf.seed + next_number
         study.sampler = make_sampler(_plain(conf.sampler), seed, space.grid())
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        write_atomically(sweep_dir / "multirun.yaml", lambda tmp: OmegaConf.save(self.config, tmp))
         log.info("study %r in %s: %d trials", conf.study_name, storage_url, n_trials)
 
+        assert self.task is not None
+        self.task.study = StudyAccess(
+            storage_url, study.study_name, len(directions), conf.heartbeat_interval,
+            conf.grace_period, self._torch_threads(),
+        )
         trial_runner = _TrialRunner(self, space, study, storage, n_trials, monitor, storage_url)
         while self._check_failure_rate(study, n_trials):
             budget.fail_stale_trials(study)
-            trial = budget.claim_trial(study, n_trials)
-            if trial is None:
+            batch: list[optuna.Trial] = []
+            while len(batch) < conf.n_jobs and (trial := budget.claim_trial(study, n_trials)):
+                if trial.number != next_number:
+                    # Another worker shares the study: don't mirror its (equally seeded) draws.
+                    study.sampler.reseed_rng()
+                next_number = trial.number + 1
+                batch.append(trial)
+            if not batch:
                 break
-            if trial.number != next_number:
-                # Another worker shares the study: don't mirror its (equally seeded) draws.
-                study.sampler.reseed_rng()
-            next_number = trial.number + 1
-            trial_runner.run(trial)
+            trial_runner.run(batch)
         budget.wait_for_running(study, n_trials, poll_seconds=min(conf.heartbeat_interval, 2))
         self._finish(study, n_trials, sweep_dir)
         return study
+
+    def _torch_threads(self) -> int | None:
+        """Torch threads per job when a batch's jobs share cores: the launcher's cpus_per_task
+        (submitit), else this machine's cores split over the batch. None: leave torch's default."""
+        assert self.config is not None
+        launcher = self.config.hydra.launcher
+        if self.conf.n_jobs == 1 or launcher._target_.endswith(".BasicLauncher"):
+            return None
+        return launcher.get("cpus_per_task") or max(1, (os.cpu_count() or 1) // self.conf.n_jobs)
 
     def _check_composes(self, space: SearchSpace) -> None:
         """Compose a few trial configs now, so unknown keys or groups fail before any training."""
@@ -173,7 +211,7 @@ class DigitnetOptunaSweeper(Sweeper):
 
 
 class _TrialRunner:
-    """Runs one claimed trial as a Hydra job and records its outcome in the study."""
+    """Runs a batch of claimed trials as one launch and records each trial's outcome."""
 
     def __init__(
         self,
@@ -187,39 +225,37 @@ class _TrialRunner:
     ) -> None:
         self.sweeper, self.space, self.study, self.storage = sweeper, space, study, storage
         self.n_trials, self.monitor, self.storage_url = n_trials, monitor, storage_url
+        self.sweep_dir = Path(sweeper.config.hydra.sweep.dir).absolute()  # type: ignore[union-attr]
 
-    def run(self, trial: optuna.Trial) -> None:
-        with heartbeat(self.storage, trial._trial_id):
-            params = [p.override(_suggest(trial, p)) for p in self.space.params]
-            task_overrides = [*self.space.fixed, *params]
-            trial.set_user_attr("command", shlex.join(["python", sys.argv[0], *task_overrides]))
-            log.info("trial %d/%d: %s", trial.number + 1, self.n_trials, " ".join(params))
+    def run(self, batch: list[optuna.Trial]) -> None:
+        results: list[JobReturn | None] = [None] * len(batch)
+        launch_error = None
+        with ExitStack() as beats:
+            for trial in batch:
+                beats.enter_context(heartbeat(self.storage, trial._trial_id))
+            jobs = [self._job_overrides(trial) for trial in batch]
             try:
-                job_overrides = [*task_overrides, *self._callback_overrides(trial)]
-                [result] = self.sweeper.launcher.launch([job_overrides], trial.number)
-            except Exception as err:  # composing or launching the job failed
-                self._record_failure(trial, _describe(err), err)
-                return
+                results = list(self.sweeper.launcher.launch(jobs, batch[0].number))
+            except Exception as err:  # composing or launching a job failed, or a job was lost
+                launch_error = err
+                log.warning("the launcher failed: %s", _describe(err))
             except BaseException as err:  # Ctrl-C / SystemExit: record it, then stop
-                trial.set_user_attr("error", f"interrupted ({type(err).__name__})")
-                self.study.tell(trial, state=TrialState.FAIL)
+                for trial in batch:
+                    self._finish(trial, None, err)
                 raise
-        if result.hydra_cfg is not None:
-            trial.set_user_attr("run_dir", result.hydra_cfg.hydra.runtime.output_dir)
-        state, values, error = _outcome(result, len(self.study.directions))
-        if state == TrialState.FAIL:
-            # the job's exception, or None when the task's return value was unusable
-            raised = result._return_value if result.status == JobStatus.FAILED else None
-            self._record_failure(trial, error, raised)
-            return
-        self.study.tell(trial, values, state=state)
-        log.info(report.summary_line(self.study, self.n_trials))
+        if launch_error is not None:
+            self._wait_for_started_jobs(batch)
+        for trial, result in zip(batch, results, strict=True):
+            self._finish(trial, result, launch_error)
 
-    def _record_failure(self, trial: optuna.Trial, error: str, raised: BaseException | None) -> None:
-        trial.set_user_attr("error", error)
-        log.warning("trial %d failed: %s", trial.number, error, exc_info=raised)
-        self.study.tell(trial, state=TrialState.FAIL)
-        log.info(report.summary_line(self.study, self.n_trials))
+    def _job_overrides(self, trial: optuna.Trial) -> list[str]:
+        params = [p.override(_suggest(trial, p)) for p in self.space.params]
+        task_overrides = [*self.space.fixed, *params]
+        trial.set_user_attr("command", shlex.join(["python", sys.argv[0], *task_overrides]))
+        log.info("trial #%d (%d of %d): %s", trial.number, trial.number + 1, self.n_trials, " ".join(params))
+        trial.set_user_attr("run_dir", str(self.sweep_dir / str(trial.number)))
+        subdir = f"hydra.sweep.subdir={trial.number}"
+        return [*task_overrides, *self._callback_overrides(trial), subdir]
 
     def _callback_overrides(self, trial: optuna.Trial) -> list[str]:
         if self.monitor is None:
@@ -234,6 +270,57 @@ class _TrialRunner:
         }
         return [f"{PRUNING_CALLBACK}.{key}={override_value(v)}" for key, v in settings.items()]
 
+    def _wait_for_started_jobs(self, batch: list[optuna.Trial]) -> None:
+        """After the launcher raised, jobs of the batch may still run (submitit stops at the
+        first lost job): wait until each started one stored its outcome or stopped beating."""
+        poll = min(self.storage.get_heartbeat_interval() or 2, 2)
+        while True:
+            # Optuna's staleness test; its public fail_stale_trials would end them without our error
+            stale = set(self.storage._get_stale_trial_ids(self.study._study_id))
+            attrs = [self.storage.get_trial(t._trial_id).user_attrs for t in batch]
+            if not any(
+                WORKER in a and OUTCOME not in a and t._trial_id not in stale
+                for t, a in zip(batch, attrs, strict=True)
+            ):
+                return
+            time.sleep(poll)
+
+    def _finish(
+        self, trial: optuna.Trial, result: JobReturn | None, launch_error: BaseException | None
+    ) -> None:
+        """Tell the outcome the job stored; without one the trial failed with the job's or the
+        launcher's error."""
+        frozen = self.storage.get_trial(trial._trial_id)
+        if frozen.state.is_finished():  # failed as stale by another worker meanwhile
+            return
+        raised = launch_error if result is None else result._return_value
+        if not isinstance(raised, Exception) or isinstance(raised, optuna.TrialPruned):
+            raised = None  # the task's return value, or Ctrl-C: no traceback to show
+        outcome = frozen.user_attrs.get(OUTCOME)
+        if outcome is not None:
+            state = TrialState[outcome["state"]]
+            self._tell(trial, state, outcome.get("values"), outcome.get("error"), raised)
+        elif launch_error is not None and not isinstance(launch_error, Exception):
+            self._tell(trial, TrialState.FAIL, None, f"interrupted ({type(launch_error).__name__})")
+        else:
+            error = _describe(raised) if raised else "the job stored no outcome"
+            self._tell(trial, TrialState.FAIL, None, error, raised)
+
+    def _tell(
+        self,
+        trial: optuna.Trial,
+        state: TrialState,
+        values: list[float] | None,
+        error: str | None,
+        raised: BaseException | None = None,
+    ) -> None:
+        if error is not None:
+            trial.set_user_attr("error", error)
+            bug = raised if not isinstance(raised, DigitnetError) else None  # a DigitnetError's message says it all
+            log.warning("trial #%d failed: %s", trial.number, error, exc_info=bug)
+        self.study.tell(trial, values, state=state)
+        log.info(report.summary_line(self.study, self.n_trials))
+
 
 def _suggest(trial: optuna.Trial, param: Param) -> Any:
     dist = param.distribution
@@ -242,38 +329,6 @@ def _suggest(trial: optuna.Trial, param: Param) -> Any:
     if isinstance(dist, IntDistribution):
         return trial.suggest_int(param.name, dist.low, dist.high, step=dist.step, log=dist.log)
     return trial.suggest_float(param.name, dist.low, dist.high, step=dist.step, log=dist.log)
-
-
-def _outcome(result: JobReturn, n_objectives: int) -> tuple[TrialState, list[float] | None, str | None]:
-    """(state, values, error message) of a finished job."""
-    if result.status != JobStatus.COMPLETED:
-        error = result._return_value  # the exception (reading .return_value re-raises it)
-        if isinstance(error, optuna.TrialPruned):
-            return TrialState.PRUNED, None, None
-        return TrialState.FAIL, None, _describe(error)
-    try:
-        return TrialState.COMPLETE, objective_values(result.return_value, n_objectives), None
-    except ValueError as err:
-        return TrialState.FAIL, None, str(err)
-
-
-def objective_values(returned: Any, n_objectives: int) -> list[float]:
-    """The task function's return value as ``n_objectives`` finite floats."""
-    if returned is None:
-        raise ValueError("the task returned None instead of the optimized metric's value")
-    is_list = isinstance(returned, Sequence) and not isinstance(returned, str)
-    items = list(returned) if is_list else [returned]
-    if len(items) != n_objectives:
-        raise ValueError(
-            f"the task returned {len(items)} value(s) for {n_objectives} sweep direction(s)"
-        )
-    try:
-        values = [float(v) for v in items]
-    except (TypeError, ValueError):
-        raise ValueError(f"the task returned {returned!r}, not numbers") from None
-    if not all(math.isfinite(v) for v in values):
-        raise ValueError(f"the task returned {values}: the objective must be finite")
-    return values
 
 
 def override_value(value: Any) -> str:
