@@ -102,8 +102,6 @@ CASES = [
     (["label_smoothing=1.5"], None, "label_smoothing=1.5 must be in [0, 1)"),
     (["ema_decay=true"], None, "ema_decay=True must be a number"),
     (["optimized_metric=[]"], None, "optimized_metric=[] must be a metric name or a list of them"),
-    (["optimized_metric=val/acc_bset"], None, "optimized_metric=val/acc_bset is not a metric of this run"),
-    (["optimized_metric=test/acc", "test=false"], None, "optimized_metric=test/acc is not a metric of this run"),
     # paths and URLs
     (["init_from={tmp}"], None, "not found; pass a .ckpt file"),
     (["registry.url=foo://bar"], None, "registry.url: cannot open registry foo://bar: Can't load plugin"),
@@ -171,8 +169,7 @@ def test_a_run_that_failed_while_training_keeps_its_folder(tiny_mnist, tmp_path,
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "run").iterdir())
 
 
-def test_resuming_another_network_or_a_finished_run_is_refused_before_training(tiny_mnist, tmp_path, monkeypatch,
-                                                                                 capsys):
+def test_resuming_with_another_network_is_refused_before_training(tiny_mnist, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DIGITNET_DATA", str(tiny_mnist))
     short = (*FAST, "model=mlp", "test=false", "logger=none", "callbacks.onnx_export=null")
     train(compose_config(*short, output_dir=tmp_path / "short"))
@@ -180,7 +177,6 @@ def test_resuming_another_network_or_a_finished_run_is_refused_before_training(t
     for change, message in [
         ("model.hidden=[32]", "does not fit this run's network: the checkpoint has model.hidden=[128, 64] (this run: [32])"),
         ("data.class_names=[0,1,2,3,4,5,6,7,8,9,x]", "does not fit this run's network: the checkpoint has 10 classes"),
-        ("seed=1", "is a finished run (2 of its 2 planned steps done)"),  # would test and record it again
     ]:
         cfg = compose_config(*short, change, f"ckpt_path={ckpt}", output_dir=tmp_path / "resumed")
         with pytest.raises(SystemExit):
@@ -215,15 +211,15 @@ def test_checkpoint_of_another_model(real_data, tmp_path):
 
 def test_resume_with_a_longer_schedule_says_to_fine_tune_instead(tiny_mnist, tmp_path, monkeypatch):
     monkeypatch.setenv("DIGITNET_DATA", str(tiny_mnist))
-    short = ("model=mlp", "data.val_size=50", "trainer.max_epochs=3", "test=false", "logger=none",
-             "callbacks.onnx_export=null", "callbacks.model_checkpoint.save_top_k=-1")
+    short = ("model=mlp", "data.val_size=50", "trainer.max_epochs=1", "test=false", "logger=none",
+             "callbacks.onnx_export=null")
     assert run_train(*short, run_dir=tmp_path / "short").returncode == 0
-    (ckpt,) = (tmp_path / "short" / "checkpoints").glob("epoch_00-*.ckpt")  # unfinished: 2 of 6 steps
-    run = run_train(*short, "trainer.max_epochs=4", f"ckpt_path={ckpt}", run_dir=tmp_path / "longer")
+    ckpt = tmp_path / "short" / "checkpoints" / "last.ckpt"
+    run = run_train(*short, "trainer.max_epochs=3", f"ckpt_path={ckpt}", run_dir=tmp_path / "longer")
     assert run.returncode == 2, run.stderr
-    assert "LR schedule was planned for 6 steps but this run plans 8" in run.stderr
+    assert "LR schedule was planned for 2 steps but this run plans 6" in run.stderr
     assert "init_from=<checkpoint>" in run.stderr and "Traceback" not in run.stderr
-    fine_tune = run_train(*short, "trainer.max_epochs=4", f"init_from={ckpt}", run_dir=tmp_path / "tuned")
+    fine_tune = run_train(*short, "trainer.max_epochs=3", f"init_from={ckpt}", run_dir=tmp_path / "tuned")
     assert fine_tune.returncode == 0, fine_tune.stderr
 
 

@@ -51,8 +51,6 @@ def instantiate_checked(node: DictConfig, key: str, **kwargs):
 
 # What DigitClassifier logs while fitting: the metrics a callback can monitor.
 FIT_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best")
-# What train() can return besides the test's and the ONNX export's metrics (see metrics.json).
-RUN_METRICS = (*FIT_METRICS, "epochs", "train_seconds", "params")
 # group -> key -> (integer?, test, what is valid); keys that are absent or null are left to the defaults
 RULES = {
     "sched": {
@@ -115,7 +113,6 @@ def validate(cfg: DictConfig) -> None:
              "set either ckpt_path (resume a run) or init_from (fine-tune from weights), not both")
     if cfg.ckpt_path is not None:  # Lightning would only read it once training starts
         _require_resumable(load_checkpoint_of(cfg.ckpt_path, cfg.model.name, "ckpt_path"), cfg)
-        _require_unfinished(cfg)
     if cfg.registry.enabled and not cfg.trainer.get("fast_dev_run"):  # train() records only real runs
         check_registry(cfg.registry.url)
 
@@ -140,10 +137,6 @@ def _validate_metrics(cfg: DictConfig) -> None:
     _require(isinstance(metric, str) or (isinstance(metric, ListConfig) and len(metric) > 0
                                          and all(isinstance(m, str) for m in metric)),
              f"optimized_metric={metric} must be a metric name or a list of them (e.g. val/acc_best)")
-    for name in [metric] if isinstance(metric, str) else metric:
-        _require(name in RUN_METRICS or name.startswith("onnx/") or (cfg.test and name.startswith("test/")),
-                 f"optimized_metric={name} is not a metric of this run; choose one of {list(RUN_METRICS)}, "
-                 "onnx/... or, with test=true, test/...")
 
 
 def _require_resumable(trained: nn.Module, cfg: DictConfig) -> None:
@@ -158,18 +151,6 @@ def _require_resumable(trained: nn.Module, cfg: DictConfig) -> None:
         changes.append(f"{saved_classes} classes (this run: {classes}, data.class_names)")
     raise DigitnetError(f"ckpt_path={cfg.ckpt_path} does not fit this run's network: the checkpoint has "
                         f"{', '.join(changes) or 'other layer sizes'}; resume with the checkpoint's settings")
-
-
-def _require_unfinished(cfg: DictConfig) -> None:
-    """Resuming a run that has done all its planned steps would only test and record the same model again."""
-    checkpoint = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True)
-    planned, done = checkpoint.get("planned_steps"), checkpoint.get("global_step", 0)
-    max_epochs = cfg.trainer.get("max_epochs")
-    # only a constant LR can go on for more epochs; a schedule's length is fixed (DigitClassifier.on_train_start)
-    longer = cfg.sched.name == "none" and (max_epochs in (None, -1) or checkpoint.get("epoch", 0) + 1 < max_epochs)
-    _require(planned is None or done < planned or longer,
-             f"ckpt_path={cfg.ckpt_path} is a finished run ({done} of its {planned} planned steps done): nothing is "
-             "left to train. Train it longer with a new schedule from its weights: init_from=<checkpoint>")
 
 
 def _shapes(net: nn.Module) -> list[tuple[int, ...]]:
