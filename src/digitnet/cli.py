@@ -6,8 +6,10 @@ import argparse
 import importlib
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -19,6 +21,7 @@ from digitnet.errors import DigitnetError
 def run_task(task: Callable, cfg):
     """Run a Hydra task; a single run prints a DigitnetError as one line and exits 2.
 
+    A single run that failed before writing anything of its own leaves no run dir behind.
     In a multirun the error propagates, so the sweeper can record the trial as failed and go on.
     Either way, the error (or an unexpected exception's traceback) also goes into the run's log file.
     """
@@ -33,6 +36,8 @@ def run_task(task: Callable, cfg):
         if multirun:
             raise
         print(f"error: {err}", file=sys.stderr)
+        if HydraConfig.initialized():
+            _remove_unused_run_dir()
         sys.exit(2)
     except Exception as err:
         from optuna import TrialPruned  # raised by a sweep trial's pruning callback
@@ -42,6 +47,15 @@ def run_task(task: Callable, cfg):
         else:  # Hydra prints the traceback on the console
             console.log_error_to_file("the run failed:", exc_info=True)
         raise
+
+
+def _remove_unused_run_dir() -> None:
+    """Delete the run dir if it holds nothing but Hydra's own files (.hydra/ and the job's log)."""
+    hydra = HydraConfig.get()
+    run_dir = Path(hydra.runtime.output_dir)
+    hydra_files = {hydra.output_subdir, f"{hydra.job.name}.log"}
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= hydra_files:
+        shutil.rmtree(run_dir, ignore_errors=True)  # best effort: the error message matters more
 
 
 # subcommand -> (module with a `main(argv) -> int`, one-line help); imported only when used

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
@@ -17,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from digitnet.atomic import write_atomically
 from digitnet.board import log_hparams
 from digitnet.checkpoint import AtomicCheckpointIO, checkpoint_file, checkpoint_spec, load_checkpoint_of
-from digitnet.config import validate
+from digitnet.config import instantiate_checked, validate
 from digitnet.console import result_line
 from digitnet.ema import EMA
 from digitnet.errors import DigitnetError
@@ -27,9 +26,10 @@ from digitnet.registry import record_run
 log = logging.getLogger(__name__)
 
 
-def _instantiate_all(group: DictConfig | None) -> list:
-    """Every entry of a config dict that has a `_target_` (entries set to null are switched off)."""
-    return [instantiate(c) for c in (group or {}).values() if c is not None and "_target_" in c]
+def _instantiate_all(cfg: DictConfig, key: str) -> list:
+    """Every entry of config dict `key` that has a `_target_` (entries set to null are switched off)."""
+    group = cfg.get(key) or {}
+    return [instantiate_checked(c, f"{key}.{name}") for name, c in group.items() if c is not None and "_target_" in c]
 
 
 def build_module(cfg: DictConfig) -> DigitClassifier:
@@ -93,18 +93,18 @@ def train(cfg: DictConfig) -> float | list[float]:
     validate(cfg)
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate_checked(cfg.data, "data")
     module = build_module(cfg)
     if cfg.init_from is not None:
         init_weights(module, cfg.init_from)
-    loggers = _instantiate_all(cfg.get("logger"))
-    callbacks = _instantiate_all(cfg.get("callbacks"))
+    loggers = _instantiate_all(cfg, "logger")
+    callbacks = _instantiate_all(cfg, "callbacks")
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress-bar callback then
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     if cfg.ema_decay is not None:
         callbacks.append(EMA(cfg.ema_decay))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=run_dir,
-                                     plugins=[AtomicCheckpointIO()])
+    trainer: L.Trainer = instantiate_checked(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False,
+                                              default_root_dir=run_dir, plugins=[AtomicCheckpointIO()])
 
     start = time.perf_counter()
     trainer.fit(module, datamodule, ckpt_path=cfg.ckpt_path)

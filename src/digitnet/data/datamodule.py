@@ -82,21 +82,34 @@ class DigitDataModule(L.LightningDataModule):
         self.train_set = self.val_set = self.test_set = None
 
     def _split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return load_split(self.name, split, self.root, self.download, self.class_names)
+        images, labels = load_split(self.name, split, self.root, self.download, self.class_names)
+        if len(labels) and labels.max() >= len(self.class_names):  # cross-entropy would fail mid-training
+            raise DigitnetError(
+                f"the {self.name} {split} split has label {labels.max().item()} but data.class_names names "
+                f"{len(self.class_names)} classes (labels 0-{len(self.class_names) - 1}): list a name for "
+                "every label in data.class_names, or fix the labels"
+            )
+        return images, labels
+
+    def _val_count(self, train_count: int) -> int:
+        count = round(self.val_size * train_count) if 0 < self.val_size < 1 else int(self.val_size)
+        if not 0 < count < train_count:
+            raise DigitnetError(
+                f"data.val_size={self.val_size} must be between 1 and {train_count - 1} "
+                f"(the {self.name} training set has {train_count} images)"
+            )
+        return count
 
     def prepare_data(self) -> None:
-        self._split("test")  # downloads once, on rank 0
+        # downloads once, on rank 0; reads both splits so bad labels or a bad val_size stop the run
+        # before any logger or checkpoint writes a file
+        self._val_count(len(self._split("train")[1]))
+        self._split("test")
 
     def setup(self, stage: str | None = None) -> None:
         if stage in ("fit", "validate", None) and self.train_set is None:
             images, labels = self._split("train")
-            val_count = round(self.val_size * len(labels)) if 0 < self.val_size < 1 else int(self.val_size)
-            if not 0 < val_count < len(labels):
-                raise DigitnetError(
-                    f"data.val_size={self.val_size} must be between 1 and {len(labels) - 1} "
-                    f"(the {self.name} training set has {len(labels)} images)"
-                )
-            train_idx, val_idx = stratified_split(labels, val_count, self.seed)
+            train_idx, val_idx = stratified_split(labels, self._val_count(len(labels)), self.seed)
             self.train_set = TensorBatches(images[train_idx], labels[train_idx])
             self.val_set = TensorBatches(images[val_idx], labels[val_idx])
         if stage in ("test", None) and self.test_set is None:

@@ -32,6 +32,7 @@ DIGITS = tuple(str(i) for i in range(10))
 
 
 def _label_folders(folder: Path, class_names: Sequence[str]) -> list[tuple[int, Path]]:
+    class_names = [str(name) for name in class_names]  # data.class_names=[5,7] arrives as numbers
     if not folder.is_dir():
         raise DigitnetError(
             f"no custom dataset at {folder.resolve()}: put images in {folder}/<label>/ (labels {list(class_names)}) "
@@ -44,7 +45,7 @@ def _label_folders(folder: Path, class_names: Sequence[str]) -> list[tuple[int, 
             f"{folder} has folders {unknown} that are not class names {list(class_names)}; "
             "rename them or set data.class_names"
         )
-    return [(list(class_names).index(p.name), p) for p in folders]
+    return [(class_names.index(p.name), p) for p in folders]
 
 
 def _name_hash(path: Path) -> str:

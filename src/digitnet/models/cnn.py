@@ -4,7 +4,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from digitnet.models import register
+from digitnet.models import check_count, check_counts, check_number, register
 
 
 @register("cnn")
@@ -17,6 +17,10 @@ class CNN(nn.Sequential):
         dropout_conv: float = 0.25,
         dropout_fc: float = 0.5,
     ):
+        check_counts("channels", channels, length=2)
+        check_count("hidden", hidden)
+        check_number("dropout_conv", dropout_conv, 0, 1)
+        check_number("dropout_fc", dropout_fc, 0, 1)
         c1, c2 = channels
         super().__init__(
             nn.Conv2d(1, c1, 3), nn.ReLU(inplace=True),  # 28 -> 26

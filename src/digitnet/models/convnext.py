@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from digitnet.models import register
+from digitnet.models import check_counts, check_number, register
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -47,6 +47,10 @@ class ConvNeXt(nn.Module):
         drop_path: float = 0.0,
         layer_scale: float = 1e-6,
     ):
+        check_counts("dims", dims)
+        check_counts("depths", depths, length=len(dims))
+        check_number("drop_path", drop_path, 0, 1)
+        check_number("layer_scale", layer_scale, 0)
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, dims[0], 3, padding=1), LayerNorm2d(dims[0]))
         rates = torch.linspace(0, drop_path, sum(depths)).tolist()  # deeper blocks drop more often

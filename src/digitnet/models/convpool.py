@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from digitnet.errors import DigitnetError
-from digitnet.models import register
+from digitnet.models import check_count, check_counts, check_number, register
 
 
 @register("convpool")
@@ -22,6 +22,9 @@ class ConvPoolNet(nn.Sequential):
     def __init__(self, num_classes: int = 10, widths: Sequence[int] = (16, 32, 64), depth: int = 1,
                  dropout: float = 0.0, space_to_depth: int = 1, pool_before_norm: bool = False,
                  global_pool: bool = False):
+        check_counts("widths", widths)
+        check_count("depth", depth)
+        check_number("dropout", dropout, 0, 1)
         if space_to_depth < 1 or 28 % space_to_depth:
             raise DigitnetError(f"model.space_to_depth={space_to_depth} must divide the 28-px image: 1, 2, 4, 7, 14 or 28")
         size = 28 // space_to_depth

@@ -4,7 +4,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from digitnet.models import register
+from digitnet.models import check_counts, register
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -31,6 +31,8 @@ class BasicBlock(nn.Module):
 @register("resnet")
 class ResNet(nn.Sequential):
     def __init__(self, num_classes: int = 10, widths: Sequence[int] = (32, 64, 128), depths: Sequence[int] = (1, 1, 1)):
+        check_counts("widths", widths)
+        check_counts("depths", depths, length=len(widths))
         layers: list[nn.Module] = [_conv_bn(1, widths[0]), nn.ReLU(inplace=True)]
         cin = widths[0]
         for stage, (width, depth) in enumerate(zip(widths, depths, strict=True)):
