@@ -47,7 +47,8 @@ def test_run_prints_no_noise_and_train_log_holds_the_console(real_data, tmp_path
     for noise in NOISE:
         assert noise not in console, noise
     assert f"run dir: {tmp_path / 'run'}" in console
-    assert re.search(r"^result: test/acc=0\.\d{4} test/loss=\d\.\d{4} val/acc_best=0\.\d{4} \(2 epochs in \d+ s of training\)$", console, re.M)
+    assert re.search(r"^result: test/acc=0\.\d{4} test/loss=\d\.\d{4} val/acc_best=0\.\d{4} over \d+ of 10000 test images "
+                     r"\(2 epochs in \d+ s of training\)$", console, re.M)
 
     log = (tmp_path / "run" / "train.log").read_text()
     for line in filter(str.strip, console.splitlines()):  # every console line, with time and source

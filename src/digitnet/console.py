@@ -128,9 +128,12 @@ def result_line(metrics: dict, fast_dev_run: int, tested: bool) -> str:
         stages = "train, val and test" if tested else "train and val"
         batches = "1 batch" if fast_dev_run == 1 else f"{fast_dev_run} batches"
         return f"smoke test (fast_dev_run) passed: {batches} each of {stages} ran; no model trained, no result"
-    names = sorted(n for n in metrics if n.startswith("test/")) + ["val/acc_best"]
+    counts = ("test/images", "test/split_images")
+    names = sorted(n for n in metrics if n.startswith("test/") and n not in counts) + ["val/acc_best"]
     epochs = metrics["epochs"]
-    return (f"result: {metrics_text(metrics, names)} "
+    tested, split = (int(metrics.get(n, 0)) for n in counts)
+    over = "" if not tested else f"over {tested} test images " if tested == split else f"over {tested} of {split} test images "
+    return (f"result: {metrics_text(metrics, names)} {over}"
             f"({epochs} epoch{'' if epochs == 1 else 's'} in {metrics['train_seconds']:.0f} s of training)")
 
 
