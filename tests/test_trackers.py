@@ -7,14 +7,12 @@ throwaway local store, W&B's offline run file (tests/wandb_records.py).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO, compose_config
+from conftest import compose_config
 from digitnet.train import train
 from wandb_records import items, records
 
@@ -82,14 +80,20 @@ def test_wandb_offline_run_holds_the_same(real_data, tmp_path):
     assert sorted(artifacts) == sorted(["model.onnx", Path(metrics["best_checkpoint"]).name])
 
 
-def test_sweep_logs_one_mlflow_run_per_trial(real_data, tmp_path):
-    sweep = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "-m", *TINY, "trainer.max_epochs=1", "logger=mlflow",
-         "model.dropout=0.0,0.1", "hydra.sweeper.study_name=tiny", "hydra.sweeper.n_trials=2"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=900,
-    )
-    assert sweep.returncode == 0, sweep.stdout + sweep.stderr
-    client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")  # the default store, where train.py ran
-    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
-    assert sorted(run.data.params["model.dropout"] for run in runs) == ["0.0", "0.1"]
-    assert all(run.info.status == "FINISHED" and "test/acc" in run.data.metrics for run in runs)
+def test_eval_sends_its_report_to_the_loggers(real_data, tmp_path, tmp_path_factory):
+    from test_evaluate import eval_config
+    from tiny_run import tiny_run
+
+    from digitnet.evaluate import evaluate
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    acc = evaluate(eval_config(f"ckpt_path='{tiny_run(tmp_path_factory).checkpoint}'", "data.limit=300", "logger=mlflow",
+                               f"logger.mlflow.tracking_uri={store}", "logger.mlflow.experiment_name=eval",
+                               f"logger.mlflow.artifact_location={tmp_path / 'artifacts'}", output_dir=tmp_path / "eval"))
+    client = MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("eval").experiment_id])
+    assert run.data.metrics["eval/acc"] == pytest.approx(acc) and "eval/ece" in run.data.metrics
+    files = artifact_files(client, run.info.run_id)
+    for name in ("confusion_matrix", "misclassified", "reliability", "robustness"):
+        assert f"eval/{name}/step_000000.png" in files, files
+    assert {"report.md", "eval_metrics.json"} <= set(files)
