@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from digitnet.checkpoint import load_checkpoint_of
 from digitnet.config import validate
-from digitnet.console import result_line
+from digitnet.console import config_log, config_tree, result_line
 from digitnet.ema import EMA
 from digitnet.errors import DigitnetError
 from digitnet.module import DigitClassifier
@@ -91,6 +91,8 @@ def _report(loggers: list, cfg: DictConfig, metrics: dict, logged: set, step: in
 def train(cfg: DictConfig) -> float | list[float]:
     """Train as `cfg` says; returns `cfg.optimized_metric` (a list of values for a list of metrics)."""
     validate(cfg)
+    if cfg.print_config:
+        config_log.info("%s", config_tree(cfg))
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
     datamodule = instantiate(cfg.data)
