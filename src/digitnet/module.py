@@ -13,11 +13,11 @@ from torch import nn
 from torchmetrics import MaxMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from digitnet import trackers
 from digitnet.data.augment import build_augment
 from digitnet.errors import DigitnetError
 from digitnet.mix import build_mix
 from digitnet.models import PerImageStandardize, build_backbone
-from digitnet import trackers
 from digitnet.optim import build_optimizer, build_scheduler
 
 matplotlib.use("Agg")  # confusion matrices are rendered off-screen, also on machines without a display

@@ -9,6 +9,7 @@ loggers (CSV) get what `log_hyperparams` / `log_metrics` carry. Only global rank
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,8 +18,12 @@ import matplotlib.pyplot as plt
 import torch
 from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import OmegaConf
 
 from digitnet.board import flatten, log_hparams
+
+# `${relpath:${paths.output_dir}}`: a run's name in the trackers (conf/logger/), e.g. sweeps/<study>/3
+OmegaConf.register_new_resolver("relpath", os.path.relpath, replace=True)
 
 
 def numeric(metrics: Mapping) -> dict[str, float]:

@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
+from digitnet import trackers
 from digitnet.checkpoint import load_checkpoint_of
 from digitnet.config import validate
 from digitnet.console import config_log, config_tree, result_line
@@ -20,7 +21,6 @@ from digitnet.ema import EMA
 from digitnet.errors import DigitnetError
 from digitnet.module import DigitClassifier
 from digitnet.registry import record_run
-from digitnet import trackers
 
 log = logging.getLogger(__name__)
 
