@@ -10,9 +10,10 @@ import json
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
-from conftest import compose_config
+from conftest import REPO, compose_config
 from digitnet.train import train
 from wandb_records import items, records
 
@@ -25,6 +26,15 @@ def test_logger_group_takes_several_loggers(tmp_path):
     cfg = compose_config("logger=[tensorboard,mlflow,wandb]", output_dir=tmp_path)
     assert [c._target_.rsplit(".", 1)[1] for c in cfg.logger.values()] == ["TensorBoardLogger", "MLFlowLogger", "WandbLogger"]
     assert not compose_config("logger=none", output_dir=tmp_path).get("logger")
+
+
+def test_a_defaults_list_takes_several_loggers(tmp_path):
+    """`- logger: [tensorboard, mlflow]` in a config's defaults list, e.g. an experiment's."""
+    (tmp_path / "mine.yaml").write_text(
+        f"defaults:\n  - logger: [tensorboard, mlflow]\n  - _self_\n"
+        f"hydra:\n  searchpath: [file://{REPO / 'conf'}]\n")
+    with initialize_config_dir(version_base="1.3", config_dir=str(tmp_path)):
+        assert list(compose("mine").logger) == ["tensorboard", "mlflow"]
 
 
 def artifact_files(client: MlflowClient, run_id: str, path: str | None = None) -> list[str]:
