@@ -134,3 +134,18 @@ def test_digitnet_export_says_what_it_verifies(real_data, tmp_path, tmp_path_fac
 def test_progress_bars_only_on_a_terminal_and_when_enabled():
     assert progress(range(3), desc="off", enabled=False).disable
     assert progress(range(3), desc="not a terminal").disable  # pytest captures stderr
+
+
+@pytest.mark.parametrize("print_config", [True, False])
+def test_config_tree_at_the_start_unless_switched_off(real_data, tmp_path, caplog, print_config):
+    cfg = compose_config("model=mlp", "debug=fast_dev_run", "logger=none", "trainer.enable_progress_bar=false",
+                         "callbacks.progress_bar=null", f"print_config={print_config}", output_dir=tmp_path)
+    with caplog.at_level(logging.INFO):
+        train(cfg)
+    messages = [r.getMessage() for r in caplog.records]
+    trees = [m for m in messages if m.startswith("config\n")]
+    assert len(trees) == int(print_config)
+    if print_config:
+        assert "├── model\n│   ├── name: mlp\n│   ├── hidden: [128, 64]" in trees[0]
+        assert messages.index(trees[0]) < min(i for i, m in enumerate(messages) if m.startswith("epoch ") or "smoke test" in m)
+    assert messages[-2].startswith("smoke test (fast_dev_run) passed")  # the result line stays

@@ -150,9 +150,9 @@ def test_corruptions_do_what_they_say():
 
 def test_eval_by_registry_id_and_best(trained, tmp_path):
     a = evaluate(eval_config(f"ckpt_path='{trained.record_id[:8]}'", f"registry.url={trained.registry_url}",
-                             "data.limit=300", "tensorboard=false", output_dir=tmp_path / "by_id"))
+                             "data.limit=300", "logger=none", output_dir=tmp_path / "by_id"))
     b = evaluate(eval_config("ckpt_path=best", f"registry.url={trained.registry_url}", "data.limit=300",
-                             "tensorboard=false", output_dir=tmp_path / "best"))
+                             "logger=none", output_dir=tmp_path / "best"))
     assert a == b and (tmp_path / "best" / "report.md").is_file()
     assert f"Model: `registry model {trained.record_id[:8]} (stored checkpoint)`" in (tmp_path / "best" / "report.md").read_text()
 

@@ -207,5 +207,4 @@ def validate_eval(cfg: DictConfig) -> None:
              f"data.limit={cfg.data.limit} must be a positive integer or null (all test images)")
     for key, low in (("calibration_bins", 1), ("gallery_size", 0), ("confused_pairs", 0), ("seed", 0)):
         _require(_number(cfg, key, integer=True) >= low, f"{key}={cfg[key]} must be an integer >= {low}")
-    for key in ("tta_hflip", "tensorboard"):
-        _require(isinstance(cfg[key], bool), f"{key}={cfg[key]} must be true or false")
+    _require(isinstance(cfg.tta_hflip, bool), f"tta_hflip={cfg.tta_hflip} must be true or false")

@@ -8,14 +8,17 @@ about the run. Progress bars stay on the console; both get one line per epoch.
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import warnings
 
 import lightning as L
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
+config_log = logging.getLogger(f"{__name__}.config")  # the composed config at a run's start
 
 # Lightning messages that describe our own config choices, not the run: the default-valued
 # `limit_*=1.0` settings, the model summary callback we configure on purpose, an advertisement.
@@ -59,7 +62,7 @@ class _DropLightningNoise(logging.Filter):
 
 
 class _SummaryToFile(logging.Filter):
-    """A sweep trial's model summary goes to its log file only (the console would repeat it per trial)."""
+    """A sweep trial's model summary and config go to its log file only (the console would repeat them per trial)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.file_only = True
@@ -92,14 +95,32 @@ def setup(*, multi_node: bool = False, sweep_trial: bool = False) -> None:
         logger.propagate = True
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NOISE)
     logging.getLogger("lightning.fabric.utilities.rank_zero").addFilter(_NOISE)
-    summary = logging.getLogger("lightning.pytorch.callbacks.model_summary")
-    (summary.addFilter if sweep_trial else summary.removeFilter)(_SUMMARY_TO_FILE)
+    for per_trial in (logging.getLogger("lightning.pytorch.callbacks.model_summary"), config_log):
+        (per_trial.addFilter if sweep_trial else per_trial.removeFilter)(_SUMMARY_TO_FILE)
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").addFilter(_ONE_LINE)
     for message in WARNING_NOISE:
         warnings.filterwarnings("ignore", message=message)
     if not multi_node:  # the hint only matters for jobs across machines
         warnings.filterwarnings("ignore", message=SRUN_HINT)
+
+
+def config_tree(cfg: DictConfig) -> str:
+    """The resolved config as a tree of its groups (plain text: it also goes to the log file)."""
+    from rich.console import Console
+    from rich.tree import Tree
+
+    def add(node: Tree, mapping: dict) -> Tree:
+        for key, value in mapping.items():
+            if isinstance(value, dict) and value:
+                add(node.add(str(key)), value)
+            else:
+                node.add(f"{key}: {value}")
+        return node
+
+    console = Console(file=io.StringIO(), width=120, color_system=None)
+    console.print(add(Tree("config"), OmegaConf.to_container(cfg, resolve=True)))
+    return console.file.getvalue().rstrip()
 
 
 def log_error_to_file(message: str, exc_info: bool = False) -> None:

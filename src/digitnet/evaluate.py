@@ -1,8 +1,8 @@
 """`python eval.py ckpt_path=...`: where a model fails, how sure it is, and how it degrades.
 
 Writes into the run dir: report.md (readable without TensorBoard) beside confusion_matrix.png,
-misclassified.png, reliability.png and robustness.png, plus eval_metrics.json and TensorBoard
-events (confusion matrix image, scalars).
+misclassified.png, reliability.png and robustness.png, plus eval_metrics.json; the figures, numbers
+and report.md also go to the configured loggers (conf/logger/, TensorBoard events by default).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics.classification import MulticlassConfusionMatrix
 from torchmetrics.functional.classification import (
@@ -25,6 +26,7 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 
+from digitnet import trackers
 from digitnet.data.idx import load_split
 from digitnet.errors import DigitnetError
 from digitnet.atomic import write_atomically
@@ -194,13 +196,16 @@ def predict(probabilities, x: torch.Tensor, desc: str, progress_bar: bool) -> to
     return torch.cat([probabilities(chunk) for chunk in progress(x.split(BATCH), desc=desc, enabled=progress_bar)])
 
 
-def _log_tensorboard(run_dir: Path, confusion_figure, metrics: dict) -> None:
-    from torch.utils.tensorboard import SummaryWriter
-
-    with SummaryWriter(str(run_dir)) as board:
-        board.add_figure("eval/confusion_matrix", confusion_figure, close=False)
-        for key, value in metrics.items():
-            board.add_scalar(f"eval/{key.removeprefix('test/')}", value)
+def _report(cfg: DictConfig, figures: dict, metrics: dict, files: list[Path]) -> None:
+    """Figures as eval/<name>, the metrics as eval/<metric> and the report's files, to every configured logger."""
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    for name, figure in figures.items():
+        trackers.log_figure(loggers, f"eval/{name}", figure, 0)
+    trackers.log_summary(loggers, OmegaConf.to_container(cfg, resolve=True),
+                         {f"eval/{k.removeprefix('test/')}": v for k, v in metrics.items()}, 0)
+    for path in files:
+        trackers.log_artifact(loggers, path)
+    trackers.finish(loggers)
 
 
 def evaluate(cfg: DictConfig) -> float:
@@ -224,18 +229,17 @@ def evaluate(cfg: DictConfig) -> float:
     table = robustness_table(classifier.probabilities, x, labels, strengths, seed=cfg.seed, progress_bar=cfg.progress_bar)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    confusion_figure, _ = ev.confusion_metric.plot(labels=ev.class_names)
-    if cfg.tensorboard:
-        _log_tensorboard(run_dir, confusion_figure, ev.metrics)
-    _save(confusion_figure, run_dir / "confusion_matrix.png")
-    _save(plot_misclassified(images, ev, cfg.gallery_size), run_dir / "misclassified.png")
-    _save(plot_reliability(ev), run_dir / "reliability.png")
-    _save(plot_robustness(table), run_dir / "robustness.png")
+    figures = {"confusion_matrix": ev.confusion_metric.plot(labels=ev.class_names)[0],
+               "misclassified": plot_misclassified(images, ev, cfg.gallery_size),
+               "reliability": plot_reliability(ev), "robustness": plot_robustness(table)}
+    for name, figure in figures.items():
+        _save(figure, run_dir / f"{name}.png")
     summary = {"model": classifier.source, "dataset": classifier.data_name, **ev.metrics, "per_class": ev.per_class,
                "confused_pairs": ev.confused_pairs(cfg.confused_pairs), "robustness": table}
     write_atomically(run_dir / "eval_metrics.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
     # the report goes last: its presence means every file it links to is there
     report = render_report(classifier, ev, table, cfg.confused_pairs)
     write_atomically(run_dir / "report.md", lambda tmp: tmp.write_text(report))
+    _report(cfg, figures, ev.metrics, [run_dir / "report.md", run_dir / "eval_metrics.json"])
     log.info("report: %s  (test/acc=%.4f, ECE=%.4f)", (run_dir / "report.md").resolve(), ev.metrics["test/acc"], ev.metrics["test/ece"])
     return ev.metrics["test/acc"]

@@ -9,11 +9,11 @@ import lightning as L
 import matplotlib
 import torch
 import torchvision
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torchmetrics import MaxMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from digitnet import trackers
 from digitnet.data.augment import build_augment
 from digitnet.errors import DigitnetError
 from digitnet.mix import build_mix
@@ -154,16 +154,13 @@ class DigitClassifier(L.LightningModule):
         scheduler = build_scheduler(optimizer, self.hparams.sched, int(self.trainer.estimated_stepping_batches))
         return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": scheduler}
 
-    def _tensorboard(self):
-        return next((lg.experiment for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None)
-
     def _log_images(self, tag: str, x: torch.Tensor):
         """A grid of what the model sees (after augmentation), once per epoch."""
-        if (board := self._tensorboard()) is not None:
-            board.add_image(tag, torchvision.utils.make_grid(x[:64].clamp(0, 1), nrow=8), self.current_epoch)
+        if self.loggers:
+            trackers.log_image(self.loggers, tag, torchvision.utils.make_grid(x[:64].clamp(0, 1), nrow=8), self.current_epoch)
 
     def _log_confusion(self, tag: str, metric: MulticlassConfusionMatrix):
-        if (board := self._tensorboard()) is not None and not self.trainer.sanity_checking:
+        if self.loggers and not self.trainer.sanity_checking:
             fig, _ = metric.plot(labels=list(self.hparams.class_names))
-            board.add_figure(tag, fig, self.global_step)
+            trackers.log_figure(self.loggers, tag, fig, self.global_step)
         metric.reset()

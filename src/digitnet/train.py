@@ -9,15 +9,14 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
+from digitnet import trackers
 from digitnet.atomic import write_atomically
-from digitnet.board import log_hparams
 from digitnet.checkpoint import AtomicCheckpointIO, checkpoint_file, checkpoint_spec, load_checkpoint_of
 from digitnet.config import instantiate_checked, validate
-from digitnet.console import result_line
+from digitnet.console import config_log, config_tree, result_line
 from digitnet.ema import EMA
 from digitnet.errors import DigitnetError
 from digitnet.module import DigitClassifier
@@ -87,10 +86,22 @@ def _final_metrics(trainer: L.Trainer, module: DigitClassifier, fit_metrics: dic
     return metrics
 
 
+def _report(loggers: list, cfg: DictConfig, metrics: dict, logged: set, step: int) -> None:
+    """The config with the final metrics not `logged` as curves already, model.onnx and the best checkpoint."""
+    final = {k: v for k, v in metrics.items() if k not in logged}
+    trackers.log_summary(loggers, OmegaConf.to_container(cfg, resolve=True), final, step)
+    for path in (metrics.get("onnx/path"), metrics["best_checkpoint"]):
+        if path:
+            trackers.log_artifact(loggers, path)
+    trackers.finish(loggers)
+
+
 def train(cfg: DictConfig) -> float | list[float]:
     """Train as `cfg` says; returns `cfg.optimized_metric` (a list of values for a list of metrics)."""
     use_registry_checkpoints(cfg)
     validate(cfg)
+    if cfg.print_config:
+        config_log.info("%s", config_tree(cfg))
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
     datamodule = instantiate_checked(cfg.data, "data")
@@ -101,6 +112,8 @@ def train(cfg: DictConfig) -> float | list[float]:
     callbacks = _instantiate_all(cfg, "callbacks")
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress-bar callback then
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    if not loggers:  # nothing for the LR monitor to write to (Lightning refuses it then)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     if cfg.ema_decay is not None:
         callbacks.append(EMA(cfg.ema_decay))
     trainer: L.Trainer = instantiate_checked(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False,
@@ -120,11 +133,8 @@ def train(cfg: DictConfig) -> float | list[float]:
     if cfg.registry.enabled and not trainer.fast_dev_run:  # a smoke test leaves no model to keep
         record_id = record_run(cfg.registry.url, OmegaConf.to_container(cfg, resolve=True), metrics, run_dir)
         log.info("recorded as model %s in the registry (`digitnet models show %s`)", record_id, record_id[:8])
-    logged = set(fit_metrics) | set(_scalars(trainer))  # already in the loggers, as curves
-    for logger in loggers:
-        if isinstance(logger, TensorBoardLogger) and not trainer.fast_dev_run:  # the HPARAMS tab
-            final = {k: v for k, v in metrics.items() if k not in logged}
-            log_hparams(logger, OmegaConf.to_container(cfg, resolve=True), final, trainer.global_step)
+    if not trainer.fast_dev_run:
+        _report(loggers, cfg, metrics, logged=set(fit_metrics) | set(_scalars(trainer)), step=trainer.global_step)
     log.info(result_line(metrics, trainer.fast_dev_run, cfg.test))
     log.info("run dir: %s", run_dir.resolve())
 
