@@ -84,7 +84,7 @@ def test_everything_from_the_database_after_outputs_is_gone(real_data, url, tmp_
     from digitnet.evaluate import evaluate
 
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        eval_cfg = compose("eval", overrides=[f"ckpt_path='{first.id[:8]}'", f"registry.url={url}", "tensorboard=false",
+        eval_cfg = compose("eval", overrides=[f"ckpt_path='{first.id[:8]}'", f"registry.url={url}", "logger=none",
                                               f"paths.output_dir={tmp_path / 'eval'}"])
     assert evaluate(eval_cfg) == pytest.approx(first_acc, abs=1e-6)
     assert f"Model: `registry model {first.id[:8]} (stored checkpoint)`" in (tmp_path / "eval" / "report.md").read_text()
