@@ -80,6 +80,21 @@ def _final_metrics(trainer: L.Trainer, module: DigitClassifier, fit_metrics: dic
     return metrics
 
 
+def _publish(cfg: DictConfig, trainer: L.Trainer, loggers: list, metrics: dict, logged: set, run_dir: Path) -> None:
+    """A finished run's outputs (once per run, by global rank 0): metrics.json, the registry record,
+    TensorBoard's HPARAMS row (metrics not `logged` as curves already) and the result line."""
+    write_atomically(run_dir / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
+    if cfg.registry.enabled and not trainer.fast_dev_run:  # a smoke test leaves no model to keep
+        record_id = record_run(cfg.registry.url, OmegaConf.to_container(cfg, resolve=True), metrics, run_dir)
+        log.info("recorded as model %s in the registry (`digitnet models show %s`)", record_id, record_id[:8])
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger) and not trainer.fast_dev_run:  # the HPARAMS tab
+            final = {k: v for k, v in metrics.items() if k not in logged}
+            log_hparams(logger, OmegaConf.to_container(cfg, resolve=True), final, trainer.global_step)
+    log.info(result_line(metrics, trainer.fast_dev_run, cfg.test))
+    log.info("run dir: %s", run_dir.resolve())
+
+
 def train(cfg: DictConfig) -> float | list[float]:
     """Train as `cfg` says; returns `cfg.optimized_metric` (a list of values for a list of metrics)."""
     validate(cfg)
@@ -107,18 +122,12 @@ def train(cfg: DictConfig) -> float | list[float]:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(module, datamodule, ckpt_path=best or None, verbose=False)
 
-    metrics = _final_metrics(trainer, module, fit_metrics, fit_seconds)
-    write_atomically(run_dir / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
-    if cfg.registry.enabled and not trainer.fast_dev_run:  # a smoke test leaves no model to keep
-        record_id = record_run(cfg.registry.url, OmegaConf.to_container(cfg, resolve=True), metrics, run_dir)
-        log.info("recorded as model %s in the registry (`digitnet models show %s`)", record_id, record_id[:8])
-    logged = set(fit_metrics) | set(_scalars(trainer))  # already in the loggers, as curves
-    for logger in loggers:
-        if isinstance(logger, TensorBoardLogger) and not trainer.fast_dev_run:  # the HPARAMS tab
-            final = {k: v for k, v in metrics.items() if k not in logged}
-            log_hparams(logger, OmegaConf.to_container(cfg, resolve=True), final, trainer.global_step)
-    log.info(result_line(metrics, trainer.fast_dev_run, cfg.test))
-    log.info("run dir: %s", run_dir.resolve())
+    # under DDP every process has the synced test metrics, but only rank 0 exported the ONNX model and its
+    # clock ran from its own start: its metrics are the run's, and what every process returns
+    metrics = trainer.strategy.broadcast(_final_metrics(trainer, module, fit_metrics, fit_seconds))
+    if trainer.is_global_zero:
+        logged = set(fit_metrics) | set(_scalars(trainer))  # already in the loggers, as curves
+        _publish(cfg, trainer, loggers, metrics, logged, run_dir)
 
     wanted = [cfg.optimized_metric] if isinstance(cfg.optimized_metric, str) else list(cfg.optimized_metric)
     unknown = [name for name in wanted if name not in metrics]
