@@ -79,3 +79,15 @@ def test_one_training_over_two_slurm_tasks_ends_once(real_data, slurm_cluster, t
         (record,) = registry.list()
     assert record.metrics["test/images"] == 10_000
     assert output.count("result: test/acc=") == 1 and (tmp_path / "run" / "model.onnx").is_file()
+
+
+def test_a_sweep_refuses_trials_of_several_processes(tmp_path):
+    """Lightning would start a trial's second process with the whole -m command: a sweep of its own."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "-m", "trainer=ddp_cpu", "model=mlp", "optim.lr=0.01,0.02",
+         f"hydra.sweep.dir={tmp_path}", "trainer.enable_progress_bar=false"],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert done.returncode == 2
+    assert "DigitnetError: a sweep trial trains in one process, not 2 (trainer.devices=2" in done.stderr.splitlines()[-1]
+    assert not list(tmp_path.rglob("train_ddp_process_*.log")) and not list(tmp_path.rglob("metrics.json"))

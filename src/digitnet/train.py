@@ -9,6 +9,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -80,6 +82,15 @@ def _final_metrics(trainer: L.Trainer, module: DigitClassifier, fit_metrics: dic
     return metrics
 
 
+def _refuse_processes_in_sweeps(trainer: L.Trainer) -> None:
+    """Lightning would start a trial's other processes with the whole `-m` command line (each one a sweep of
+    its own) or SLURM would run the sweep in every task: several processes train single runs only."""
+    if trainer.world_size > 1 and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise DigitnetError(f"a sweep trial trains in one process, not {trainer.world_size} (trainer.devices="
+                            f"{trainer.num_devices}, trainer.num_nodes={trainer.num_nodes}): leave out trainer=ddp* "
+                            "in -m sweeps, or train the best trial's config with it afterwards")
+
+
 def _publish(cfg: DictConfig, trainer: L.Trainer, loggers: list, metrics: dict, logged: set, run_dir: Path) -> None:
     """A finished run's outputs (once per run, by global rank 0): metrics.json, the registry record,
     TensorBoard's HPARAMS row (metrics not `logged` as curves already) and the result line."""
@@ -112,6 +123,7 @@ def train(cfg: DictConfig) -> float | list[float]:
         callbacks.append(EMA(cfg.ema_decay))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=run_dir,
                                      plugins=[AtomicCheckpointIO()])
+    _refuse_processes_in_sweeps(trainer)
 
     start = time.perf_counter()
     trainer.fit(module, datamodule, ckpt_path=cfg.ckpt_path)
