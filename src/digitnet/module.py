@@ -10,7 +10,7 @@ import matplotlib
 import torch
 import torchvision
 from torch import nn
-from torchmetrics import MaxMetric, SumMetric
+from torchmetrics import MaxMetric, MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from digitnet import trackers
@@ -53,6 +53,8 @@ class DigitClassifier(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        # metric objects sum over the images of all processes (DDP), so a process with fewer images weighs less
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.test_images = SumMetric()  # what test/acc is over: limit_test_batches may stop short of the split
         self.val_acc_best = MaxMetric()
         self.val_confusion = MulticlassConfusionMatrix(num_classes)
@@ -126,19 +128,22 @@ class DigitClassifier(L.LightningModule):
         loss, preds, y = self._step(batch)
         self.val_acc(preds, y)
         self.val_confusion.update(preds, y)
-        self.log("val/loss", loss, prog_bar=True)
+        self.val_loss.update(loss, weight=len(y))
+        self.log("val/loss", self.val_loss, prog_bar=True)
         self.log("val/acc", self.val_acc, prog_bar=True)
 
     def on_validation_epoch_end(self):
         self.val_acc_best(self.val_acc.compute())
-        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+        # the same on every process (val_acc is synced); sync_dist says so to Lightning
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
         self._log_confusion("val/confusion_matrix", self.val_confusion)
 
     def test_step(self, batch, batch_idx: int):
         loss, preds, y = self._step(batch)
         self.test_acc(preds, y)
         self.test_confusion.update(preds, y)
-        self.log("test/loss", loss)
+        self.test_loss.update(loss, weight=len(y))
+        self.log("test/loss", self.test_loss)
         self.log("test/acc", self.test_acc)
         self.test_images.update(len(y))
         self.log("test/images", self.test_images)
@@ -146,7 +151,7 @@ class DigitClassifier(L.LightningModule):
     def on_test_epoch_end(self):
         loaders = self.trainer.test_dataloaders
         split = sum(len(loader.dataset) for loader in (loaders if isinstance(loaders, list) else [loaders]))
-        self.log("test/split_images", float(split))
+        self.log("test/split_images", float(split), sync_dist=True)
         self._log_confusion("test/confusion_matrix", self.test_confusion)
 
     def configure_optimizers(self):

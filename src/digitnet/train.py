@@ -9,6 +9,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
@@ -86,14 +88,32 @@ def _final_metrics(trainer: L.Trainer, module: DigitClassifier, fit_metrics: dic
     return metrics
 
 
-def _report(loggers: list, cfg: DictConfig, metrics: dict, logged: set, step: int) -> None:
-    """The config with the final metrics not `logged` as curves already, model.onnx and the best checkpoint."""
-    final = {k: v for k, v in metrics.items() if k not in logged}
-    trackers.log_summary(loggers, OmegaConf.to_container(cfg, resolve=True), final, step)
-    for path in (metrics.get("onnx/path"), metrics["best_checkpoint"]):
-        if path:
-            trackers.log_artifact(loggers, path)
-    trackers.finish(loggers)
+def _refuse_processes_in_sweeps(trainer: L.Trainer) -> None:
+    """Lightning would start a trial's other processes with the whole `-m` command line (each one a sweep of
+    its own) or SLURM would run the sweep in every task: several processes train single runs only."""
+    if trainer.world_size > 1 and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise DigitnetError(f"a sweep trial trains in one process, not {trainer.world_size} (trainer.devices="
+                            f"{trainer.num_devices}, trainer.num_nodes={trainer.num_nodes}): leave out trainer=ddp* "
+                            "in -m sweeps, or train the best trial's config with it afterwards")
+
+
+def _publish(cfg: DictConfig, trainer: L.Trainer, loggers: list, metrics: dict, logged: set, run_dir: Path) -> None:
+    """A finished run's outputs (once per run, by global rank 0): metrics.json, the registry record, the
+    loggers' summary (the config with the final metrics not `logged` as curves already, model.onnx and the
+    best checkpoint) and the result line."""
+    write_atomically(run_dir / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
+    if cfg.registry.enabled and not trainer.fast_dev_run:  # a smoke test leaves no model to keep
+        record_id = record_run(cfg.registry.url, OmegaConf.to_container(cfg, resolve=True), metrics, run_dir)
+        log.info("recorded as model %s in the registry (`digitnet models show %s`)", record_id, record_id[:8])
+    if not trainer.fast_dev_run:
+        final = {k: v for k, v in metrics.items() if k not in logged}
+        trackers.log_summary(loggers, OmegaConf.to_container(cfg, resolve=True), final, trainer.global_step)
+        for path in (metrics.get("onnx/path"), metrics["best_checkpoint"]):
+            if path:
+                trackers.log_artifact(loggers, path)
+        trackers.finish(loggers)
+    log.info(result_line(metrics, trainer.fast_dev_run, cfg.test))
+    log.info("run dir: %s", run_dir.resolve())
 
 
 def train(cfg: DictConfig) -> float | list[float]:
@@ -118,6 +138,7 @@ def train(cfg: DictConfig) -> float | list[float]:
         callbacks.append(EMA(cfg.ema_decay))
     trainer: L.Trainer = instantiate_checked(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False,
                                               default_root_dir=run_dir, plugins=[AtomicCheckpointIO()])
+    _refuse_processes_in_sweeps(trainer)
 
     start = time.perf_counter()
     trainer.fit(module, datamodule, ckpt_path=cfg.ckpt_path)
@@ -128,15 +149,12 @@ def train(cfg: DictConfig) -> float | list[float]:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(module, datamodule, ckpt_path=best or None, verbose=False)
 
-    metrics = _final_metrics(trainer, module, fit_metrics, fit_seconds)
-    write_atomically(run_dir / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
-    if cfg.registry.enabled and not trainer.fast_dev_run:  # a smoke test leaves no model to keep
-        record_id = record_run(cfg.registry.url, OmegaConf.to_container(cfg, resolve=True), metrics, run_dir)
-        log.info("recorded as model %s in the registry (`digitnet models show %s`)", record_id, record_id[:8])
-    if not trainer.fast_dev_run:
-        _report(loggers, cfg, metrics, logged=set(fit_metrics) | set(_scalars(trainer)), step=trainer.global_step)
-    log.info(result_line(metrics, trainer.fast_dev_run, cfg.test))
-    log.info("run dir: %s", run_dir.resolve())
+    # under DDP every process has the synced test metrics, but only rank 0 exported the ONNX model and its
+    # clock ran from its own start: its metrics are the run's, and what every process returns
+    metrics = trainer.strategy.broadcast(_final_metrics(trainer, module, fit_metrics, fit_seconds))
+    if trainer.is_global_zero:
+        logged = set(fit_metrics) | set(_scalars(trainer))  # already in the loggers, as curves
+        _publish(cfg, trainer, loggers, metrics, logged, run_dir)
 
     wanted = [cfg.optimized_metric] if isinstance(cfg.optimized_metric, str) else list(cfg.optimized_metric)
     unknown = [name for name in wanted if name not in metrics]

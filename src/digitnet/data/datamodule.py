@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from digitnet.data.idx import load_split
 from digitnet.errors import DigitnetError
@@ -115,11 +116,13 @@ class DigitDataModule(L.LightningDataModule):
         if stage in ("test", None) and self.test_set is None:
             self.test_set = TensorBatches(*self._split("test"))
 
-    def _loader(self, dataset: TensorBatches, batch_size: int, train: bool = False) -> DataLoader:
+    def _loader(self, dataset: TensorBatches, batch_size: int, train: bool = False,
+                sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=train,
+            sampler=sampler,
             drop_last=train and len(dataset) > batch_size,  # no tiny last batch for BatchNorm
             collate_fn=_whole_batch,
             num_workers=self.num_workers,
@@ -130,9 +133,15 @@ class DigitDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.batch_size, train=True)
 
+    def _eval_sampler(self, dataset: TensorBatches) -> Sampler | None:
+        """Under DDP every process evaluates its share of the split, each image exactly once: Lightning's
+        default DistributedSampler would pad the shares to equal length with repeated images."""
+        shares = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        return UnrepeatedDistributedSampler(dataset, shuffle=False, **shares) if shares else None
+
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.eval_batch_size)
+        return self._loader(self.val_set, self.eval_batch_size, sampler=self._eval_sampler(self.val_set))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, self.eval_batch_size)
+        return self._loader(self.test_set, self.eval_batch_size, sampler=self._eval_sampler(self.test_set))
 
