@@ -101,3 +101,18 @@ def test_bf16_autocast_run_checkpoints_and_exports_float32(tiny_mnist, monkeypat
     assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}
     assert metrics["onnx/test_images"] == 50 and metrics["onnx/max_abs_diff"] < 1e-5
     assert metrics["onnx/test_acc"] == metrics["onnx/torch_test_acc"]
+
+
+@pytest.mark.parametrize("total_steps, pct_start", [(4, 0.25), (10, 0.1), (1, 1.0), (40, 0.025)])
+def test_onecycle_runs_when_its_warm_up_would_be_exactly_one_step(total_steps, pct_start):
+    """torch's OneCycleLR divides by zero when pct_start * total_steps == 1 (tiny runs hit it)."""
+    from digitnet.optim import build_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = build_scheduler(optimizer, {"name": "onecycle", "pct_start": pct_start}, total_steps)["scheduler"]
+    rates = []  # the rate each training step uses
+    for _ in range(total_steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert all(0 < r <= 0.1 for r in rates) and rates == sorted(rates, reverse=True)  # no warm-up left

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -39,11 +40,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping, total_steps:
             ramp = LinearLR(optimizer, start_factor=cfg.get("warmup_start_factor", 0.01), total_iters=warmup)
             scheduler = SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
     elif name == "onecycle":
+        pct_start = cfg.get("pct_start", 0.25)
+        if math.isclose(pct_start * total_steps, 1):  # torch divides by the warm-up's steps minus one
+            pct_start = 0.5 / total_steps  # no warm-up: the cycle starts at its peak
         scheduler = OneCycleLR(
             optimizer,
             max_lr=[g["lr"] for g in optimizer.param_groups],
             total_steps=total_steps,
-            pct_start=cfg.get("pct_start", 0.25),
+            pct_start=pct_start,
             div_factor=cfg.get("div_factor", 25.0),
             final_div_factor=cfg.get("final_div_factor", 1e4),
         )
