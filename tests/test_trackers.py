@@ -107,3 +107,16 @@ def test_eval_sends_its_report_to_the_loggers(real_data, tmp_path, tmp_path_fact
     for name in ("confusion_matrix", "misclassified", "reliability", "robustness"):
         assert f"eval/{name}/step_000000.png" in files, files
     assert {"report.md", "eval_metrics.json"} <= set(files)
+
+
+def test_a_failed_run_ends_its_wandb_run(real_data, tmp_path):
+    """A sweep trial that raises must not leave its W&B run open: the next trial would log into it."""
+    import wandb
+
+    cfg = compose_config(*TINY, "logger=wandb", "+callbacks.boom._target_=failing_callback.Boom",
+                         output_dir=tmp_path / "failed")
+    with pytest.raises(RuntimeError, match="boom after epoch 0"):
+        train(cfg)
+    assert wandb.run is None
+    train(compose_config(*TINY, "logger=wandb", output_dir=tmp_path / "next"))
+    assert len(list((tmp_path / "next" / "wandb").glob("offline-run-*"))) == 1  # a run of its own

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -94,4 +95,15 @@ def finish(loggers: Sequence[Logger], status: str = "success") -> None:
     for logger in loggers:
         logger.finalize(status)
         if isinstance(logger, WandbLogger):
-            logger.experiment.finish()
+            logger.experiment.finish(exit_code=0 if status == "success" else 1)
+
+
+@contextmanager
+def finished_on_failure(loggers: Sequence[Logger]) -> Iterator[None]:
+    """A run that raises (a bug, a pruned sweep trial) still ends its tracker runs, marked failed,
+    so the next run in this process (a sweep's next trial) starts runs of its own."""
+    try:
+        yield
+    except BaseException:
+        finish(loggers, "failed")
+        raise

@@ -140,21 +140,22 @@ def train(cfg: DictConfig) -> float | list[float]:
                                               default_root_dir=run_dir, plugins=[AtomicCheckpointIO()])
     _refuse_processes_in_sweeps(trainer)
 
-    start = time.perf_counter()
-    trainer.fit(module, datamodule, ckpt_path=cfg.ckpt_path)
-    fit_seconds = time.perf_counter() - start
-    # testing replaces the trainer's metrics; a run resumed after its last epoch logged none
-    fit_metrics = _scalars(trainer) or module.checkpoint_metrics
-    if cfg.test:
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        trainer.test(module, datamodule, ckpt_path=best or None, verbose=False)
+    with trackers.finished_on_failure(loggers):
+        start = time.perf_counter()
+        trainer.fit(module, datamodule, ckpt_path=cfg.ckpt_path)
+        fit_seconds = time.perf_counter() - start
+        # testing replaces the trainer's metrics; a run resumed after its last epoch logged none
+        fit_metrics = _scalars(trainer) or module.checkpoint_metrics
+        if cfg.test:
+            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            trainer.test(module, datamodule, ckpt_path=best or None, verbose=False)
 
-    # under DDP every process has the synced test metrics, but only rank 0 exported the ONNX model and its
-    # clock ran from its own start: its metrics are the run's, and what every process returns
-    metrics = trainer.strategy.broadcast(_final_metrics(trainer, module, fit_metrics, fit_seconds))
-    if trainer.is_global_zero:
-        logged = set(fit_metrics) | set(_scalars(trainer))  # already in the loggers, as curves
-        _publish(cfg, trainer, loggers, metrics, logged, run_dir)
+        # under DDP every process has the synced test metrics, but only rank 0 exported the ONNX model and its
+        # clock ran from its own start: its metrics are the run's, and what every process returns
+        metrics = trainer.strategy.broadcast(_final_metrics(trainer, module, fit_metrics, fit_seconds))
+        if trainer.is_global_zero:
+            logged = set(fit_metrics) | set(_scalars(trainer))  # already in the loggers, as curves
+            _publish(cfg, trainer, loggers, metrics, logged, run_dir)
 
     wanted = [cfg.optimized_metric] if isinstance(cfg.optimized_metric, str) else list(cfg.optimized_metric)
     unknown = [name for name in wanted if name not in metrics]
