@@ -49,7 +49,7 @@ def test_a_ddp_run_tests_every_image_once_like_eval_py(ddp_run, tmp_path):
     assert metrics["test/images"] == metrics["test/split_images"] == 10_000
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
         cfg = compose("eval", overrides=[f"ckpt_path='{metrics['best_checkpoint']}'", "progress_bar=false",
-                                         "tensorboard=false", "~robustness", "+robustness={rotation: [0]}",
+                                         "logger=none", "~robustness", "+robustness={rotation: [0]}",
                                          f"paths.output_dir={tmp_path}"])
     assert metrics["test/acc"] == pytest.approx(evaluate(cfg), abs=1e-6)  # one image is 1e-4
 

@@ -1,4 +1,4 @@
-"""Every `@package _global_` preset (experiment, sweep, debug, logger=none) gets the values it sets,
+"""Every `@package _global_` preset (experiment, sweep, debug) gets the values it sets,
 including the top-level keys that conf/train.yaml only gives defaults for."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def _leaves(node: dict, prefix: str = ""):
 
 def test_the_global_presets_are_found():
     groups = {path.parts[0] for path in GLOBAL_PRESETS}
-    assert {"experiment", "sweep", "debug", "logger"} <= groups
+    assert {"experiment", "sweep", "debug"} <= groups
     assert len(GLOBAL_PRESETS) >= 10
 
 
