@@ -71,7 +71,7 @@ def test_failed_run_logs_its_error_line(real_data, tmp_path):
 def test_unexpected_exception_leaves_its_traceback_in_train_log(real_data, tmp_path):
     """A bug (here a callback raising) ends the run with Hydra's traceback; train.log keeps it."""
     done, console = run("train.py", *TINY, "+callbacks.boom._target_=failing_callback.Boom", f"hydra.run.dir={tmp_path}",
-                        tmp_path=tmp_path, env={"PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{os.environ['PYTHONPATH']}"})
+                        tmp_path=tmp_path, env={"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))})
     assert done.returncode == 1 and "RuntimeError: boom after epoch 0" in console
     log = (tmp_path / "train.log").read_text()
     assert "epoch 0 (1 of 2)" in log

@@ -23,6 +23,14 @@ _ADVICE = {
 T = TypeVar("T")
 
 
+class WriteError(DigitnetError):
+    """A file that could not be written; `reason` is the system's word for why (no path in it)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"could not write {path}: {reason}")
+
+
 def write_atomically(path: str | Path, write: Callable[[Path], T]) -> T:
     """`write` a temp file beside `path`, flush it to disk, rename it over `path`; returns what `write` returns.
 
@@ -45,9 +53,7 @@ def write_atomically(path: str | Path, write: Callable[[Path], T]) -> T:
     except OSError as err:
         _remove(tmp)
         advice = _ADVICE.get(err.errno)
-        raise DigitnetError(
-            f"could not write {path}: {err.strerror or err}" + (f"; {advice}" if advice else "")
-        ) from None
+        raise WriteError(path, f"{err.strerror or err}" + (f"; {advice}" if advice else "")) from None
     except BaseException:
         _remove(tmp)
         raise

@@ -39,7 +39,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from digitnet.errors import DigitnetError
-from digitnet.atomic import write_atomically
+from digitnet.atomic import WriteError, write_atomically
 from digitnet.classifier import Classifier
 from digitnet.data.prepare import prepare_digit
 
@@ -192,9 +192,9 @@ class DrawingPad:
             image = image.convert("RGBA")
         try:  # re-encoded from the decoded pixels: the bytes users sent are never written as they are
             write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
-        except OSError as err:
-            log.warning("cannot save a drawing in %s: %s", folder, err.strerror or err)
-            raise HTTPException(500, f"cannot save in {self.shown_dir}/{label}: {err.strerror or err}") from None
+        except WriteError as err:
+            log.warning("cannot save a drawing in %s: %s", folder, err.reason)
+            raise HTTPException(500, f"cannot save in {self.shown_dir}/{label}: {err.reason}") from None
         return path
 
 
