@@ -126,7 +126,8 @@ def test_dataset_example_composes(conf_with_examples):
     assert {k: v for k, v in documented.items() if k != "kmnist"} == DATASET_FOLDERS
     assert hasattr(torchvision.datasets, documented["kmnist"])
     data = compose_in(conf_with_examples, "data=kmnist").data
-    assert (data.name, len(data.class_names), data._target_) == ("kmnist", 10, "digitnet.data.datamodule.DigitDataModule")
+    assert (data.name, len(data.class_names)) == ("kmnist", 10)
+    assert data._target_ == "digitnet.data.datamodule.DigitDataModule"  # MNIST's, extended
 
 
 def test_augmentation_example_builds(conf_with_examples):

@@ -86,23 +86,25 @@ def show(value: object) -> str:
 
 
 def choices(defaults: list) -> str:
-    """A defaults list as `group=option` choices (what an experiment or a preset picks)."""
+    """The `group=option` choices of a defaults list (what a recipe or a sweep picks)."""
     picked = []
     for entry in defaults:
         if isinstance(entry, dict):
-            for group, option in entry.items():
-                picked.append(f"`{group.removeprefix('override ').lstrip('/')}={'null' if option is None else option}`")
-        else:
-            picked.append(f"`{entry}`")
+            for key, option in entry.items():
+                name = key.removeprefix("override ").lstrip("/")
+                picked.append(f"`{name}={'null' if option is None else option}`")
     return ", ".join(picked)
 
 
-def table(path: Path, prefix: str) -> list[str]:
+def table(path: Path, prefix: str, group: str | None = None) -> list[str]:
     description, values, comments, package = read_option(path)
     lines = [description, ""] if description else []
     defaults = values.pop("defaults", None) if isinstance(values, dict) else None
     if defaults:
-        lines += [f"Picks: {choices(defaults)}", ""]
+        # a plain name in an option's defaults is another option of its group, which this one extends
+        extends = [f"`{group}={entry}`" for entry in defaults if isinstance(entry, str) and entry != "_self_"]
+        lines += [f"Extends {', '.join(extends)}; the keys below change it.", ""] if extends else []
+        lines += [f"Picks: {choices(defaults)}", ""] if choices(defaults) else []
     rows = flatten(values) if isinstance(values, dict) else {}
     if package == "_global_":
         prefix = ""
@@ -149,7 +151,7 @@ def reference(conf: Path) -> str:
         out += [f"`{group.name}=<option>`, one of {', '.join(f'`{o}`' for o in options)}; {picked}.", ""]
         for option in options:
             out += [f"### `{group.name}={option}`", ""]
-            out += table(group / f"{option}.yaml", f"{group.name}.")
+            out += table(group / f"{option}.yaml", f"{group.name}.", group.name)
     return "\n".join(out)
 
 
