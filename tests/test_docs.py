@@ -150,7 +150,7 @@ def test_logger_example_names_a_lightning_logger(conf_with_examples):
 
 
 def test_sweep_example_composes(conf_with_examples):
-    cfg = compose_in(conf_with_examples, "sweep=tiny_width", hydra=True)
+    cfg = compose_in(conf_with_examples, "sweep=resnet_width", hydra=True)
     assert cfg.model.name == "resnet" and cfg.trainer.max_epochs == 2
     params = cfg.hydra.sweeper.params
     assert set(params) == {"optim.lr", "model.widths"}
