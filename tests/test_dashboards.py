@@ -1,7 +1,7 @@
 """A tiny sweep as the web UIs show it: one MLflow run per trial, the study in optuna-dashboard.
 
 Both UIs are started as a user starts them (`mlflow ui`, `optuna-dashboard`) on 127.0.0.1 and a
-free port; the tests read their JSON APIs and save the README's screenshots (headless Chromium).
+free port; the tests read their JSON APIs and save the docs' screenshots (headless Chromium).
 """
 
 from __future__ import annotations

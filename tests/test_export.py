@@ -1,4 +1,4 @@
-"""ONNX export: the exercise's contract (DESIGN.md), verification, checkpoints, CLI, old onnxruntime."""
+"""ONNX export: the exercise's contract (docs/design.md), verification, checkpoints, CLI, old onnxruntime."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The exercise's webcam client, replayed: MNIST test digits drawn into camera frames, light-on-dark
-and dark-on-light, preprocessed exactly as the client does (DESIGN.md), classified by the exported
+and dark-on-light, preprocessed exactly as the client does (docs/export.md, "The exercise"), classified by the exported
 model of a short `model=cnn aug=camera` training run."""
 
 from __future__ import annotations

@@ -183,7 +183,7 @@ def test_drawing_a_digit_shows_the_right_prediction(page, mnist_test):
         assert probs == sorted(probs, reverse=True) and 50 < probs[0] <= 100 and sum(probs) <= 100.1
         seen = np.array(shown["seen"]).reshape(28, 28)
         assert seen.max() == 255 and 50 < (seen > 0).sum() < 400  # an MNIST-like digit, not a blank or full frame
-    _save_screenshot(page.screenshot(), REPO / "docs" / "serve.png")  # the README's picture of the page
+    _save_screenshot(page.screenshot(), REPO / "docs" / "serve.png")  # the docs' picture of the page
 
 
 def _save_screenshot(png: bytes, path: Path) -> None:

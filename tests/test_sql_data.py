@@ -59,7 +59,7 @@ def test_push_mnist_writes_all_rows_once_in_file_order(real_data, url, capsys):
         assert code == 0, err
         rate = re.search(r"pushed 70000 rows \(train 60000, test 10000\) into .* \((\d+) rows/s\)", out)
         assert rate, out
-        print(f"\n{out.strip()}")  # the rows/s the README quotes (pytest -s shows it)
+        print(f"\n{out.strip()}")  # the rows/s of each push (pytest -s shows it)
     assert _counts(url, table) == {"train": (60000, 60000), "test": (10000, 10000)}
     with Store(url, table) as store:
         for split in ("train", "test"):

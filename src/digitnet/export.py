@@ -1,4 +1,4 @@
-"""ONNX export + verification for the digit-classification exercise (contract: DESIGN.md).
+"""ONNX export + verification for the digit-classification exercise (contract: docs/design.md, "The ONNX contract").
 
 `export_onnx(module, path)` writes the graph `net + softmax` (input `input` float32 [1,1,28,28],
 output `output` float32 [1,K] probabilities for K classes, opset 17, IR version 8; MNIST models

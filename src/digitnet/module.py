@@ -21,7 +21,7 @@ from digitnet.models import PerImageStandardize, build_backbone
 from digitnet.optim import build_optimizer, build_scheduler
 
 matplotlib.use("Agg")  # confusion matrices are rendered off-screen, also on machines without a display
-# conversion and augmentation after the transfer belong to the model by design (DESIGN.md, data flow)
+# conversion and augmentation after the transfer belong to the model by design (docs/design.md, "Data flow")
 warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer`.*")
 
 

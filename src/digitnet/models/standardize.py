@@ -1,4 +1,4 @@
-"""Per-image standardisation: the first layer of every digitnet model (see DESIGN.md, ONNX contract)."""
+"""Per-image standardisation: the first layer of every digitnet model (docs/design.md, "The ONNX contract")."""
 
 import torch
 from torch import nn
