@@ -151,11 +151,11 @@ def check_recordable(url: str | None) -> None:
     """Raise DigitnetError now if `record_run` could not record into registry `url`, without creating
     anything: a missing SQLite file needs only a folder it can be made in; a database is connected to."""
     url = resolve_url(url)
-    database = sa.engine.make_url(url).database
-    if sqlite_file(sa.engine.make_url(url)) and not os.path.exists(database):
-        blocker = unwritable(Path(database).parent)
+    parsed = sa.engine.make_url(url)
+    if sqlite_file(parsed) and not os.path.exists(parsed.database):
+        blocker = unwritable(Path(parsed.database).parent)
         if blocker is not None:
-            raise DigitnetError(f"cannot create {database}: {blocker} is not a folder you can write")
+            raise DigitnetError(f"cannot create {parsed.database}: {blocker} is not a folder you can write")
         return
     engine = _engine(url)
     try:
