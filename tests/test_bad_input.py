@@ -41,8 +41,12 @@ def _drawings_of_5_and_7(root: Path) -> None:
             Image.new("L", (40, 40), 255 * (i % 2)).save(root / "custom" / label / f"{i}.png")
 
 
+def _a_file(root: Path) -> None:
+    (root / "a_file").write_text("not a folder")
+
+
 # (overrides, damage done to the tiny dataset or None, the text of the one `error:` line); `{tmp}` is the
-# test's folder. Every case would otherwise fail later (mid-training, after model.onnx, after the whole
+# test's folder (and the tiny dataset's root). Every case would otherwise fail later (mid-training, after model.onnx, after the whole
 # run) with a traceback, or be silently accepted.
 CASES = [
     # data
@@ -85,6 +89,9 @@ CASES = [
     (["trainer.accumulate_grad_batches=0"], None, "trainer.accumulate_grad_batches=0 must be >= 1"),
     (["trainer.gradient_clip_val=-1"], None, "trainer.gradient_clip_val=-1 must be >= 0"),
     (["trainer.val_check_interval=0"], None, "trainer.val_check_interval=0 must be > 0"),
+    # 150 training images in batches of 64: 2 batches per epoch (found when the data is read, before any logger)
+    (["trainer.val_check_interval=3"], None, "trainer.val_check_interval=3 is more than the 2 training batches of an "
+                                             "epoch (data.batch_size=64, trainer.limit_train_batches=1.0)"),
     (["trainer.precision=banana"], None, "trainer: Precision 'banana' is invalid."),
     (["trainer.devices=0"], None, "trainer: `Trainer(devices=0)` value is not a valid input using cpu accelerator."),
     (["trainer.max_time=abc"], None, "trainer: `Timer(duration='abc')` is not a valid duration."),
@@ -104,6 +111,14 @@ CASES = [
     (["optimized_metric=[]"], None, "optimized_metric=[] must be a metric name or a list of them"),
     # paths and URLs
     (["init_from={tmp}"], None, "not found; pass a .ckpt file"),
+    (["callbacks.model_checkpoint.dirpath=/proc/digitnet/checkpoints"], None,
+     "callbacks.model_checkpoint.dirpath=/proc/digitnet/checkpoints cannot be written: /proc is not a folder you can "
+     "write; set callbacks.model_checkpoint.dirpath to one of yours"),
+    (["callbacks.last_checkpoint.dirpath={tmp}/a_file/checkpoints"], _a_file,
+     "callbacks.last_checkpoint.dirpath={tmp}/a_file/checkpoints cannot be written: {tmp}/a_file is not a folder"),
+    (["logger.tensorboard.save_dir={tmp}/a_file"], _a_file,
+     "logger.tensorboard.save_dir={tmp}/a_file cannot be written: {tmp}/a_file is not a folder you can write"),
+    (["logger=csv", "logger.csv.save_dir=/proc/digitnet"], None, "logger.csv.save_dir=/proc/digitnet cannot be written"),
     (["registry.url=foo://bar"], None, "registry.url: cannot open registry foo://bar: Can't load plugin"),
     (["registry.url=notaurl"], None, "registry.url: registry url 'notaurl' is not a SQLAlchemy URL"),
     (["registry.url=sqlite:////proc/digitnet/registry.db"], None, "registry.url: cannot create /proc/digitnet"),
@@ -115,20 +130,23 @@ CASES = [
 @pytest.mark.parametrize("overrides, damage, message", CASES, ids=[" ".join(c[0]) or c[1].__name__ for c in CASES])
 def test_bad_input_is_one_line_and_leaves_nothing(tiny_mnist, tmp_path, monkeypatch, capsys, overrides, damage, message):
     """What `python train.py <overrides>` does with the error, in-process: exit 2, one `error:` line,
-    no traceback, and no run folder (nothing was written: no checkpoint, no TensorBoard events)."""
+    no traceback, no run folder (nothing was written: no checkpoint, no TensorBoard events) and no
+    registry database (its check before training, passed by the cases found later, creates none)."""
     monkeypatch.setenv("DIGITNET_DATA", str(tiny_mnist))
     if damage is not None:
         damage(tiny_mnist)
-    run_dir = tmp_path / "run"
-    cfg = compose_config(*FAST, *(o.format(tmp=tmp_path) for o in overrides), output_dir=run_dir)
+    run_dir, registry = tmp_path / "run", tmp_path / "registry" / "registry.db"
+    cfg = compose_config(*FAST, f"registry.url=sqlite:///{registry}", *(o.format(tmp=tmp_path) for o in overrides),
+                         output_dir=run_dir)
     with pytest.raises(SystemExit) as exit_:
         run_task(train, cfg)
     stderr = capsys.readouterr().err
     assert exit_.value.code == 2
     (line,) = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert message in line, line
+    assert message.format(tmp=tmp_path) in line, line
     assert "Traceback" not in stderr and "secret" not in stderr
     assert not run_dir.exists(), sorted(p.name for p in run_dir.iterdir())
+    assert not registry.parent.exists()
 
 
 def test_the_table_harness_accepts_a_good_run(tiny_mnist, tmp_path, monkeypatch):
@@ -147,18 +165,24 @@ def test_the_table_harness_accepts_a_good_run(tiny_mnist, tmp_path, monkeypatch)
     (["trainer.precision=banana"], None, "trainer: Precision 'banana' is invalid."),
     ([], _label_200("train"), "the mnist train split has label 200"),  # found with the TensorBoard logger built
     (["registry.url=postgresql+psycopg2://user:secret@127.0.0.1:1/db"], None, "registry.url: registry postgresql"),
-], ids=["validate", "trainer", "labels", "registry"])
+    # Lightning itself would say it from inside fit, after the TensorBoard events file was written
+    (["trainer.val_check_interval=3"], None, "trainer.val_check_interval=3 is more than the 2 training batches"),
+    (["logger.tensorboard.save_dir={tmp}/a_file"], _a_file, "logger.tensorboard.save_dir={tmp}/a_file cannot be"),
+], ids=["validate", "trainer", "labels", "registry", "val_check_interval", "save_dir"])
 def test_command_line_prints_one_line_and_removes_the_run_dir(tiny_mnist, tmp_path, monkeypatch, overrides, damage,
                                                               message):
     monkeypatch.setenv("DIGITNET_DATA", str(tiny_mnist))
     if damage is not None:
         damage(tiny_mnist)
-    run = run_train(*FAST, "model=mlp", *overrides, run_dir=tmp_path / "run")
+    registry = tmp_path / "registry" / "registry.db"
+    run = run_train(*FAST, "model=mlp", f"registry.url=sqlite:///{registry}",
+                    *(o.format(tmp=tmp_path) for o in overrides), run_dir=tmp_path / "run")
     assert run.returncode == 2, run.stderr
-    assert run.stderr.splitlines()[-1].startswith("error: ") and message in run.stderr.splitlines()[-1]
+    last = run.stderr.splitlines()[-1]
+    assert last.startswith("error: ") and message.format(tmp=tmp_path) in last, last
     assert sum(line.startswith("error:") for line in run.stderr.splitlines()) == 1
     assert "Traceback" not in run.stderr and "secret" not in run.stderr
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists() and not registry.parent.exists()
 
 
 def test_a_run_that_failed_while_training_keeps_its_folder(tiny_mnist, tmp_path, monkeypatch):

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from PIL import Image
 
-from conftest import compose_config
+from conftest import REPO, compose_config
 from digitnet.data.datamodule import DigitDataModule
 from digitnet.data.folder import load_folder_split, split_files
 from digitnet.data.idx import load_split
@@ -166,3 +170,49 @@ def test_custom_training_runs_with_every_aug_preset(trained, tmp_path, mnist_tes
     train(cfg)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["epochs"] == 1 and 0 <= metrics["test/acc"] <= 1 and np.isfinite(metrics["train/loss"])
+
+
+def test_three_named_classes_train_export_evaluate_predict_and_serve(tmp_path, mnist_test, monkeypatch, capsys):
+    """data=custom with classes a, b and c (drawings of 0, 1 and 7) through every command a user runs on it."""
+    from digitnet import cli
+    from digitnet.train import train
+    from test_serve import _canvas_png, _post, _start_server, _stop
+
+    monkeypatch.setenv("DIGITNET_DATA", str(tmp_path))
+    folder = _folder(tmp_path, {"0": 60, "1": 60, "7": 60}, mnist_test)
+    for digit, name in (("0", "a"), ("1", "b"), ("7", "c")):
+        (folder / digit).rename(folder / name)
+    run = tmp_path / "run"
+    train(compose_config("data=custom", "data.class_names=[a,b,c]", "model=mlp", "sched=none", "trainer.max_epochs=3",
+                         *QUIET, output_dir=run))
+    checkpoint = Path(json.loads((run / "metrics.json").read_text())["best_checkpoint"])
+
+    exported = tmp_path / "exported.onnx"
+    assert cli.main(["export", str(checkpoint), "-o", str(exported)]) == 0
+    proto = onnx.load(exported)
+    assert json.loads({p.key: p.value for p in proto.metadata_props}["class_names"]) == ["a", "b", "c"]
+    assert [d.dim_value for d in proto.graph.output[0].type.tensor_type.shape.dim] == [1, 3]
+
+    evaluation = subprocess.run([sys.executable, str(REPO / "eval.py"), f"ckpt_path={checkpoint}", "logger=none",
+                                 "progress_bar=false", f"hydra.run.dir={tmp_path / 'eval'}"],
+                                capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert evaluation.returncode == 0, evaluation.stderr
+    report = json.loads((tmp_path / "eval" / "eval_metrics.json").read_text())
+    test_images = len(split_files(folder, "test", ["a", "b", "c"]))
+    assert report["dataset"] == "custom" and report["test/images"] == test_images == sum(report["per_class"]["support"])
+    assert len(report["per_class"]["support"]) == 3 and report["test/acc"] > 0.8
+
+    seven = folder / "c" / "drawing002.png"  # a plain grayscale MNIST seven
+    capsys.readouterr()
+    assert cli.main(["predict", str(exported), str(seven)]) == 0
+    assert capsys.readouterr().out.startswith(f"{seven}  c  (")
+
+    server, proc = _start_server(tmp_path, str(run), "--collect-dir", "drawings/custom")
+    try:
+        with urllib.request.urlopen(server.url + "api/info", timeout=30) as response:
+            assert json.loads(response.read())["classes"] == ["a", "b", "c"]
+        images, labels = mnist_test
+        status, answer = _post(server.url + "api/predict", _canvas_png(images[np.flatnonzero(labels == 7)[0]]))
+    finally:
+        _stop(proc)
+    assert status == 200 and answer["top"][0]["label"] == "c" and len(answer["probabilities"]) == 3

@@ -20,7 +20,7 @@ from postgres_server import postgres_url  # noqa: F401 (fixture)
 from digitnet import cli
 from digitnet.data.idx import load_split
 from digitnet.errors import DigitnetError
-from digitnet.registry import ModelRecord, Registry, record_run
+from digitnet.registry import ModelRecord, Registry, check_recordable, record_run
 from digitnet.train import build_module
 from tiny_run import tiny_run
 
@@ -229,6 +229,26 @@ def test_reading_a_missing_registry_creates_nothing(fresh_database, tmp_path):
     record_run(fresh_database, {"data": {"name": "mnist"}, "model": {"name": "mlp"}}, {"test/acc": 0.5}, tmp_path)
     with Registry(fresh_database) as registry:
         assert [r.metrics["test/acc"] for r in registry.list()] == [0.5]
+
+
+def test_the_check_before_training_creates_nothing(fresh_database, tmp_path):
+    """train.py checks registry.url before training, without making the database or its table: a run that
+    fails after the check leaves no registry behind."""
+    before = sorted(tmp_path.iterdir())
+    check_recordable(fresh_database)
+    assert sorted(tmp_path.iterdir()) == before
+    with pytest.raises(DigitnetError, match="^no model in registry"):  # SQLite: no file; PostgreSQL: no table
+        Registry(fresh_database)
+
+
+def test_the_check_before_training_refuses_what_recording_would(tmp_path):
+    not_a_db = tmp_path / "notes.db"
+    not_a_db.write_text("this is not SQLite\n" * 100)
+    with pytest.raises(DigitnetError, match="registry sqlite:///.*notes.db: file is not a database"):
+        check_recordable(f"sqlite:///{not_a_db}")
+    with pytest.raises(DigitnetError, match=f"cannot create {not_a_db}/registry.db: {not_a_db} is not a folder"):
+        check_recordable(f"sqlite:///{not_a_db}/registry.db")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.db"]
 
 
 READ_COMMANDS = [

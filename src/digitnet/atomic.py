@@ -6,6 +6,7 @@ import contextlib
 import errno
 import os
 import secrets
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -71,3 +72,18 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def unwritable(folder: str | Path) -> Path | None:
+    """What stands in the way of creating files in `folder` (made when missing): its nearest existing
+    ancestor if that is a file or a folder no file can be created in, else None. Creates nothing for
+    good; a trial file is the only sure test (root passes every permission check on a read-only place)."""
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if os.path.exists(p))
+    if existing.is_dir():
+        try:
+            tempfile.TemporaryFile(dir=existing).close()
+            return None
+        except OSError:
+            pass
+    return existing

@@ -11,12 +11,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
+from digitnet.atomic import unwritable
 from digitnet.checkpoint import load_checkpoint_of
 from digitnet.data.idx import DATASETS
 from digitnet.errors import DigitnetError
 from digitnet.models import BACKBONES, build_backbone
 from digitnet.optim import build_optimizer
-from digitnet.registry import Registry
+from digitnet.registry import check_recordable
 
 SCHEDULES = ("none", "cosine", "onecycle")
 
@@ -113,6 +114,7 @@ def validate(cfg: DictConfig) -> None:
              "set either ckpt_path (resume a run) or init_from (fine-tune from weights), not both")
     if cfg.ckpt_path is not None:  # Lightning would only read it once training starts
         _require_resumable(load_checkpoint_of(cfg.ckpt_path, cfg.model.name, "ckpt_path"), cfg)
+    _validate_output_folders(cfg)
     if cfg.registry.enabled and not cfg.trainer.get("fast_dev_run"):  # train() records only real runs
         check_registry(cfg.registry.url)
 
@@ -137,6 +139,16 @@ def _validate_metrics(cfg: DictConfig) -> None:
     _require(isinstance(metric, str) or (isinstance(metric, ListConfig) and len(metric) > 0
                                          and all(isinstance(m, str) for m in metric)),
              f"optimized_metric={metric} must be a metric name or a list of them (e.g. val/acc_best)")
+
+
+def _validate_output_folders(cfg: DictConfig) -> None:
+    """Checkpoint and logger folders must be writable: they would fail only once training writes them."""
+    for group, key in (("callbacks", "dirpath"), ("logger", "save_dir")):
+        for name, node in (cfg.get(group) or {}).items():
+            folder = node.get(key) if node is not None else None
+            blocker = unwritable(folder) if folder is not None else None
+            _require(blocker is None, f"{group}.{name}.{key}={folder} cannot be written: {blocker} is not "
+                                      f"a folder you can write; set {group}.{name}.{key} to one of yours")
 
 
 def _require_resumable(trained: nn.Module, cfg: DictConfig) -> None:
@@ -191,14 +203,11 @@ def _validate_optim(cfg: DictConfig) -> None:
 
 
 def check_registry(url: str) -> None:
-    """Open (or create) the model registry now; a bad registry.url would otherwise show only after training."""
+    """A bad registry.url would otherwise show only after training; the check creates no database file."""
     try:
-        with Registry(url, create=True):  # as record_run will
-            pass
+        check_recordable(url)
     except DigitnetError as err:
         raise DigitnetError(f"registry.url: {err}") from None
-    except OSError as err:  # the folder of a SQLite file cannot be created
-        raise DigitnetError(f"registry.url: cannot create {err.filename}: {err.strerror}") from None
 
 
 def validate_eval(cfg: DictConfig) -> None:

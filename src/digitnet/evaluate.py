@@ -216,7 +216,8 @@ def evaluate(cfg: DictConfig) -> float:
     run_dir = Path(cfg.paths.output_dir)
     model = checkpoint_spec("ckpt_path", cfg.ckpt_path)
     classifier = load_classifier(model, cfg.registry.url, metric=cfg.best_metric)
-    images, labels = load_split(classifier.data_name, "test", root=cfg.data.root)
+    # data=custom: the model's class names are its label folders
+    images, labels = load_split(classifier.data_name, "test", root=cfg.data.root, class_names=classifier.class_names)
     images, labels = images[: cfg.data.limit], labels[: cfg.data.limit]
     x = images[:, None].float() / 255  # the training input convention
     log.info("predicting the %s test images with %s ...", f"{len(x):,}", classifier.source)

@@ -22,6 +22,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy import exc
 
+from digitnet.atomic import unwritable
 from digitnet.errors import DigitnetError
 
 DEFAULT_URL = "sqlite:///outputs/registry.db"
@@ -125,6 +126,45 @@ def sqlite_engine(url: str) -> sa.Engine:
     return engine
 
 
+def shown(url: str) -> str:
+    """`url` without its password."""
+    return sa.engine.make_url(url).render_as_string(hide_password=True)
+
+
+def _engine(url: str) -> sa.Engine:
+    try:
+        return sqlite_engine(url) if sa.engine.make_url(url).get_backend_name() == "sqlite" else sa.create_engine(url)
+    except (exc.ArgumentError, exc.NoSuchModuleError, ImportError) as err:
+        raise DigitnetError(f"cannot open registry {shown(url)}: {err}") from None
+
+
+@contextmanager
+def _database_errors(url: str) -> Iterator[None]:
+    try:
+        yield
+    except exc.DBAPIError as err:  # unreachable server, locked or unwritable file, not a database...
+        reason = str(err.orig).splitlines()[0] if err.orig else str(err)
+        raise DigitnetError(f"registry {shown(url)}: {reason}") from None
+
+
+def check_recordable(url: str | None) -> None:
+    """Raise DigitnetError now if `record_run` could not record into registry `url`, without creating
+    anything: a missing SQLite file needs only a folder it can be made in; a database is connected to."""
+    url = resolve_url(url)
+    parsed = sa.engine.make_url(url)
+    if sqlite_file(parsed) and not os.path.exists(parsed.database):
+        blocker = unwritable(Path(parsed.database).parent)
+        if blocker is not None:
+            raise DigitnetError(f"cannot create {parsed.database}: {blocker} is not a folder you can write")
+        return
+    engine = _engine(url)
+    try:
+        with _database_errors(url), engine.connect() as conn:
+            sa.inspect(conn).has_table(MODELS.name)
+    finally:
+        engine.dispose()
+
+
 def git_commit() -> str | None:
     """HEAD of the git checkout the run was started in, else of the digitnet source; None outside git."""
     for where in (Path.cwd(), Path(__file__).parent):
@@ -152,12 +192,7 @@ class Registry:
                 Path(engine_url.database).parent.mkdir(parents=True, exist_ok=True)
             elif not Path(engine_url.database).is_file():
                 raise self._missing(engine_url.database, "the file does not exist")
-        try:
-            self.engine = (
-                sqlite_engine(self.url) if engine_url.get_backend_name() == "sqlite" else sa.create_engine(self.url)
-            )
-        except (exc.ArgumentError, exc.NoSuchModuleError, ImportError) as err:
-            raise DigitnetError(f"cannot open registry {self.shown_url}: {err}") from None
+        self.engine = _engine(self.url)
         if create:
             self._create_table()
         elif not self._has_table():
@@ -212,7 +247,7 @@ class Registry:
 
     @property
     def shown_url(self) -> str:
-        return sa.engine.make_url(self.url).render_as_string(hide_password=True)
+        return shown(self.url)
 
     def __enter__(self) -> Registry:
         return self
@@ -222,12 +257,8 @@ class Registry:
 
     @contextmanager
     def _transaction(self) -> Iterator[sa.Connection]:
-        try:
-            with self.engine.begin() as conn:
-                yield conn
-        except exc.DBAPIError as err:  # unreachable server, locked or unwritable file, not a database...
-            reason = str(err.orig).splitlines()[0] if err.orig else str(err)
-            raise DigitnetError(f"registry {self.shown_url}: {reason}") from None
+        with _database_errors(self.url), self.engine.begin() as conn:
+            yield conn
 
     # ------------------------------------------------------------------ writing
 

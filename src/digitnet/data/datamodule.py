@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import lightning as L
@@ -104,8 +105,30 @@ class DigitDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         # downloads once, on rank 0; reads both splits so bad labels or a bad val_size stop the run
         # before any logger or checkpoint writes a file
-        self._val_count(len(self._split("train")[1]))
+        train_count = len(self._split("train")[1])
+        val_count = self._val_count(train_count)
         self._split("test")
+        if self.trainer is not None:
+            self._check_val_check_interval(train_count - val_count)
+
+    def _check_val_check_interval(self, train_images: int) -> None:
+        """trainer.val_check_interval=<N batches> must fit in an epoch (Lightning says so only after the
+        loggers started) unless check_val_every_n_epoch=None counts the batches across epochs."""
+        trainer = self.trainer
+        interval = trainer.val_check_interval
+        if not isinstance(interval, int) or trainer.check_val_every_n_epoch is None:
+            return
+        share = math.ceil(train_images / trainer.world_size)  # under DDP each process gets its share
+        drop_last = train_images > self.batch_size  # as in _loader
+        batches = share // self.batch_size if drop_last else math.ceil(share / self.batch_size)
+        limit = trainer.limit_train_batches
+        batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+        if interval > batches:
+            raise DigitnetError(
+                f"trainer.val_check_interval={interval} is more than the {batches} training batches of an epoch "
+                f"(data.batch_size={self.batch_size}, trainer.limit_train_batches={limit}): give at most "
+                f"{batches}, or a fraction of an epoch such as 0.5"
+            )
 
     def setup(self, stage: str | None = None) -> None:
         if stage in ("fit", "validate", None) and self.train_set is None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import uvicorn
 
+from digitnet.atomic import unwritable
 from digitnet.data.folder import FOLDER
 from digitnet.errors import DigitnetError
 from digitnet.classifier import Classifier, classifier_from_onnx
@@ -70,9 +71,9 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def check_collect_dir(folder: Path) -> None:
     """Refuse a collect folder this user cannot write, before any drawing is lost (it is made on the first save)."""
-    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise DigitnetError(f"cannot save drawings in {folder}: {existing} is not a folder you can write; "
+    blocker = unwritable(folder)
+    if blocker is not None:
+        raise DigitnetError(f"cannot save drawings in {folder}: {blocker} is not a folder you can write; "
                             "pass --collect-dir <a folder of yours>")
 
 

@@ -48,7 +48,9 @@ MAX_PIXELS = 2048 * 2048
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")  # what a browser or a phone sends; fewer decoders, fewer surprises
 CONTENT_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/gif")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
-# uploads decoded and run through the model at once: a 2048x2048 one takes over 100 MB while prepared
+# uploads read, decoded and run through the model at once: a 2048x2048 one takes over 100 MB while prepared.
+# The others wait unread (uvicorn stops reading a connection whose buffer is full), so many clients sending
+# large images hold no more than WORKERS bodies in memory.
 WORKERS = 2
 TOP_K = 3
 PAGE = Path(__file__).with_name("index.html")
@@ -80,21 +82,28 @@ def _image_content_type(request: Request) -> None:
         raise HTTPException(415, f"send the image with Content-Type {', '.join(CONTENT_TYPES)}, not {content_type!r}")
 
 
-async def _upload(request: Request) -> bytes:
-    """The body of a same-origin image upload, refused with 413 as soon as it passes MAX_UPLOAD_BYTES."""
+def _too_big() -> HTTPException:
+    return HTTPException(413, f"upload larger than {MAX_UPLOAD_BYTES} bytes")
+
+
+def _check_upload_headers(request: Request) -> None:
+    """Refuse what the headers already show: another origin, not an image, a declared size over the cap."""
     _same_origin(request)
     _image_content_type(request)
-    too_big = HTTPException(413, f"upload larger than {MAX_UPLOAD_BYTES} bytes")
     declared = request.headers.get("content-length", "0")
     if not declared.isdigit():
         raise HTTPException(400, f"bad Content-Length {declared!r}")
     if int(declared) > MAX_UPLOAD_BYTES:
-        raise too_big
+        raise _too_big()
+
+
+async def _read_upload(request: Request) -> bytes:
+    """The body, refused with 413 as soon as it passes MAX_UPLOAD_BYTES."""
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_UPLOAD_BYTES:
-            raise too_big
+            raise _too_big()
     if not body:
         raise HTTPException(400, "empty upload: send the drawing as the request body (image/png)")
     return bytes(body)
@@ -144,9 +153,12 @@ class DrawingPad:
     def _folder_safe(label: str) -> bool:
         return label not in ("", ".", "..") and not any(c in label for c in "/\\\0")
 
-    async def _work(self, function, *args):
-        """`function(*args)` in a worker thread, at most WORKERS at once: bounds the memory of many uploads."""
-        return await anyio.to_thread.run_sync(function, *args, limiter=self.workers)
+    async def _work(self, request: Request, function, *args):
+        """`function(upload, *args)` in a worker thread; the upload is read only once one of the WORKERS
+        slots is free, and the slot is held until `function` returns: bounds the memory of many uploads."""
+        _check_upload_headers(request)
+        async with self.workers:
+            return await anyio.to_thread.run_sync(function, await _read_upload(request), *args)
 
     async def index(self, request: Request) -> HTMLResponse:
         # no other site may show the pad in a frame and trick clicks on its Collect buttons
@@ -158,7 +170,7 @@ class DrawingPad:
                              "collect_dir": self.shown_dir, "counts": self.counts()})
 
     async def predict(self, request: Request) -> JSONResponse:
-        return JSONResponse(await self._work(self._predict, await _upload(request)))
+        return JSONResponse(await self._work(request, self._predict))
 
     def _predict(self, data: bytes) -> dict:
         seen = _prepare(decode_image(data))
@@ -177,7 +189,7 @@ class DrawingPad:
             raise HTTPException(400, f"label {label!r} is not one of the model's classes {self.classifier.class_names}")
         if not self._folder_safe(label):
             raise HTTPException(400, f"label {label!r} cannot be a folder name")
-        saved = await self._work(self._save, await _upload(request), label)
+        saved = await self._work(request, self._save, label)
         return JSONResponse({"saved": str(saved.relative_to(self.collect_dir)), "label": label,
                              "counts": self.counts()}, status_code=201)
 
