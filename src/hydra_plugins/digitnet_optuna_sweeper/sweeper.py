@@ -33,7 +33,7 @@ from optuna.trial import TrialState
 
 from digitnet.atomic import write_atomically
 from digitnet.errors import DigitnetError
-from digitnet.sweep import budget, report
+from digitnet.sweep import budget, compat, report
 from digitnet.sweep.study import (
     heartbeat,
     make_pruner,
@@ -131,7 +131,7 @@ class DigitnetOptunaSweeper(Sweeper):
         while self._check_failure_rate(study, n_trials):
             budget.fail_stale_trials(study)
             batch: list[optuna.Trial] = []
-            while len(batch) < conf.n_jobs and (trial := budget.claim_trial(study, n_trials)):
+            while len(batch) < conf.n_jobs and (trial := budget.claim_trial(study, storage, n_trials)):
                 if trial.number != next_number:
                     # Another worker shares the study: don't mirror its (equally seeded) draws.
                     study.sampler.reseed_rng()
@@ -226,13 +226,19 @@ class _TrialRunner:
         self.sweeper, self.space, self.study, self.storage = sweeper, space, study, storage
         self.n_trials, self.monitor, self.storage_url = n_trials, monitor, storage_url
         self.sweep_dir = Path(sweeper.config.hydra.sweep.dir).absolute()  # type: ignore[union-attr]
+        self._ids: dict[int, int] = {}  # trial number -> storage id
+
+    def _id(self, trial: optuna.Trial) -> int:
+        if trial.number not in self._ids:
+            self._ids[trial.number] = compat.trial_id(self.storage, self.study.study_name, trial.number)
+        return self._ids[trial.number]
 
     def run(self, batch: list[optuna.Trial]) -> None:
         results: list[JobReturn | None] = [None] * len(batch)
         launch_error = None
         with ExitStack() as beats:
             for trial in batch:
-                beats.enter_context(heartbeat(self.storage, trial._trial_id))
+                beats.enter_context(heartbeat(self.storage, self._id(trial)))
             jobs = [self._job_overrides(trial) for trial in batch]
             try:
                 results = list(self.sweeper.launcher.launch(jobs, batch[0].number))
@@ -275,11 +281,10 @@ class _TrialRunner:
         first lost job): wait until each started one stored its outcome or stopped beating."""
         poll = min(self.storage.get_heartbeat_interval() or 2, 2)
         while True:
-            # Optuna's staleness test; its public fail_stale_trials would end them without our error
-            stale = set(self.storage._get_stale_trial_ids(self.study._study_id))
-            attrs = [self.storage.get_trial(t._trial_id).user_attrs for t in batch]
+            stale = compat.stale_trial_ids(self.storage, self.study.study_name)
+            attrs = [self.storage.get_trial(self._id(t)).user_attrs for t in batch]
             if not any(
-                WORKER in a and OUTCOME not in a and t._trial_id not in stale
+                WORKER in a and OUTCOME not in a and self._id(t) not in stale
                 for t, a in zip(batch, attrs, strict=True)
             ):
                 return
@@ -290,10 +295,10 @@ class _TrialRunner:
     ) -> None:
         """Tell the outcome the job stored; without one the trial failed with the job's or the
         launcher's error."""
-        frozen = self.storage.get_trial(trial._trial_id)
+        frozen = self.storage.get_trial(self._id(trial))
         if frozen.state.is_finished():  # failed as stale by another worker meanwhile
             return
-        raised = launch_error if result is None else result._return_value
+        raised = launch_error if result is None else compat.job_error(result)
         if not isinstance(raised, Exception) or isinstance(raised, optuna.TrialPruned):
             raised = None  # the task's return value, or Ctrl-C: no traceback to show
         outcome = frozen.user_attrs.get(OUTCOME)

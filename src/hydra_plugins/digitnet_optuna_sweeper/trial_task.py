@@ -22,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import TaskFunction
 from omegaconf import DictConfig
 
+from digitnet.sweep import compat
 from digitnet.sweep.study import heartbeat, open_storage
 
 OUTCOME = "outcome"  # user attr: {"state": "COMPLETE", "values": [...]} / PRUNED / FAIL + error
@@ -73,9 +74,7 @@ class TrialTask:
         assert self.study is not None
         hydra = HydraConfig.get()
         number = int(hydra.sweep.subdir)  # the sweeper puts trial k in <sweep dir>/k
-        trial_id = storage.get_trial_id_from_study_id_trial_number(
-            storage.get_study_id_from_name(self.study.name), number
-        )
+        trial_id = compat.trial_id(storage, self.study.name, number)
         state = storage.get_trial(trial_id).state
         if state.is_finished():  # e.g. a queued job the sweeper already gave up on
             raise RuntimeError(f"trial {number} already ended as {state.name}")
