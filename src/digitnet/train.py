@@ -104,14 +104,17 @@ def _sweep_trial_processes(trainer: L.Trainer) -> Iterator[None]:
         yield
         return
     launcher = trainer.strategy.launcher
-    if not (isinstance(launcher, _SubprocessScriptLauncher) and trial_ranks.is_offered()):
-        raise DigitnetError(f"this sweep trial cannot train in {trainer.world_size} processes (trainer.devices="
-                            f"{trainer.num_devices}, trainer.num_nodes={trainer.num_nodes}): DDP in -m sweeps needs "
-                            "hydra/sweeper=digitnet_optuna with the basic launcher (leave out hydra/launcher=...) "
-                            "and strategy=ddp; or leave out trainer=ddp* and train the best trial's config with it")
     if trial_ranks.job_of_this_rank() is not None:  # one of the processes Lightning started
         yield
         return
+    starts_the_others = (isinstance(launcher, _SubprocessScriptLauncher) and trainer.num_nodes == 1
+                         and not trainer.strategy.cluster_environment.creates_processes_externally)
+    if not (starts_the_others and trial_ranks.is_offered()):
+        raise DigitnetError(f"this sweep trial cannot train in {trainer.world_size} processes (trainer.devices="
+                            f"{trainer.num_devices}, trainer.num_nodes={trainer.num_nodes}): DDP in -m sweeps needs "
+                            "hydra/sweeper=digitnet_optuna with the basic launcher (leave out hydra/launcher=...), "
+                            "strategy=ddp and one node; or leave out trainer=ddp* and train the best trial's config "
+                            "with it")
     env, threads = dict(os.environ), torch.get_num_threads()  # Lightning sets the DDP variables and threads here
     stuck = False
     try:

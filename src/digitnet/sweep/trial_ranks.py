@@ -34,6 +34,6 @@ def is_offered() -> bool:
 
 def job_of_this_rank() -> dict[str, Any] | None:
     """The trial job this process joins as a process that Lightning started, else None."""
-    if TRIAL_JOB in os.environ and "LOCAL_RANK" in os.environ:
+    if TRIAL_JOB in os.environ and os.environ.get("LOCAL_RANK", "0") != "0":  # the trial's own process is 0
         return json.loads(os.environ[TRIAL_JOB])
     return None
