@@ -89,8 +89,8 @@ SWEEP = ["trainer=ddp_cpu", "model=mlp", "trainer.max_epochs=2", "trainer.limit_
 
 
 def train_sweep(*overrides: str, sweep_dir: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "train.py"), "-m", *SWEEP, *overrides, f"hydra.sweep.dir={sweep_dir}"],
-                          capture_output=True, text=True, timeout=900, cwd=REPO)
+    command = [sys.executable, str(REPO / "train.py"), "-m", *SWEEP, *overrides, f"hydra.sweep.dir={sweep_dir}"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO)
 
 
 def config_tree(log: Path) -> list[str]:
