@@ -9,9 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from optuna.trial import TrialState
 
 from conftest import REPO, run_train
 from digitnet.evaluate import evaluate
@@ -81,13 +83,52 @@ def test_one_training_over_two_slurm_tasks_ends_once(real_data, slurm_cluster, t
     assert output.count("result: test/acc=") == 1 and (tmp_path / "run" / "model.onnx").is_file()
 
 
-def test_a_sweep_refuses_trials_of_several_processes(tmp_path):
-    """Lightning would start a trial's second process with the whole -m command: a sweep of its own."""
-    done = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "-m", "trainer=ddp_cpu", "model=mlp", "optim.lr=0.01,0.02",
-         f"hydra.sweep.dir={tmp_path}", "trainer.enable_progress_bar=false"],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
-    )
+SWEEP = ["trainer=ddp_cpu", "model=mlp", "trainer.max_epochs=2", "trainer.limit_train_batches=5",
+         "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "callbacks.onnx_export.test_images=500",
+         "trainer.enable_progress_bar=false", "hydra.sweeper.monitor=val/acc"]
+
+
+def train_sweep(*overrides: str, sweep_dir: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(REPO / "train.py"), "-m", *SWEEP, *overrides, f"hydra.sweep.dir={sweep_dir}"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO)
+
+
+def config_tree(log: Path) -> list[str]:
+    return [line for line in log.read_text().splitlines() if "── " in line]
+
+
+def test_ddp_trials_of_a_sweep_run_in_their_run_dir_and_end_once(real_data, tmp_path):
+    """Lightning starts each trial's second process by re-running the -m command: it joins that trial."""
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    # the grid (seed 0) runs lr=0.01 first; 1e-7 learns nothing, so the median pruner stops it after epoch 0
+    done = train_sweep("optim.lr=choice(1e-7,0.01)", "hydra.sweeper.sampler=grid", "hydra.sweeper.n_trials=2",
+                       "hydra.sweeper.pruner={name: median, n_startup_trials: 1, n_warmup_steps: 0}",
+                       f"registry.url={url}", sweep_dir=tmp_path / "sweep")
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = optuna.load_study(study_name="train", storage=f"sqlite:///{tmp_path / 'sweep' / 'study.db'}")
+    first, second = study.trials
+    assert first.params["optim.lr"] == 0.01 and first.state == TrialState.COMPLETE
+    assert second.params["optim.lr"] == 1e-7 and second.state == TrialState.PRUNED
+    assert list(first.intermediate_values) == [0, 1] and list(second.intermediate_values) == [0]
+    metrics = json.loads((tmp_path / "sweep" / "0" / "metrics.json").read_text())
+    assert first.value == metrics["val/acc_best"]
+    with Registry(url) as registry:
+        (record,) = registry.list()  # the pruned trial records nothing
+    assert record.metrics["test/acc"] == metrics["test/acc"]
+    assert not (tmp_path / "sweep" / "1" / "metrics.json").exists()
+    for trial in study.trials:
+        run_dir = tmp_path / "sweep" / str(trial.number)
+        assert "GLOBAL_RANK: 1, MEMBER: 2/2" in (run_dir / "train_ddp_process_1.log").read_text()
+        assert config_tree(run_dir / "train_ddp_process_1.log") == config_tree(run_dir / "train.log")
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name != "plots") == ["0", "1"]
+    assert done.stdout.count("result: test/acc=") + done.stderr.count("result: test/acc=") == 1
+
+
+def test_ddp_trials_need_the_basic_launcher(tmp_path):
+    """A joblib worker's command line is not the sweep's: Lightning could not start the trial's other process."""
+    done = train_sweep("optim.lr=choice(0.01)", "hydra/launcher=joblib", "hydra.sweeper.n_trials=1",
+                       "hydra.sweeper.max_failure_rate=0", sweep_dir=tmp_path)
     assert done.returncode == 2
-    assert "DigitnetError: a sweep trial trains in one process, not 2 (trainer.devices=2" in done.stderr.splitlines()[-1]
+    assert "this sweep trial cannot train in 2 processes" in done.stderr.splitlines()[-1]
+    assert "hydra/launcher" in done.stderr.splitlines()[-1]
     assert not list(tmp_path.rglob("train_ddp_process_*.log")) and not list(tmp_path.rglob("metrics.json"))

@@ -4,6 +4,7 @@ Each sweep is a real `app.py -m ...` process, so resuming, killing and concurren
 tested the way users run them.
 """
 
+import os
 import re
 import shlex
 import signal
@@ -238,3 +239,29 @@ def test_two_workers_share_a_sqlite_study(tmp_path):
 def test_two_workers_share_a_postgresql_study(tmp_path, postgres_url):  # noqa: F811
     run_two_workers(tmp_path, *CONCURRENT, f"hydra.sweeper.storage={postgres_url}", study="pg")
     assert_shared_study(load(tmp_path, "pg", postgres_url))
+
+
+def test_hydra_optuna_sweeper_installed_alongside_leaves_ours_the_default(tmp_path):
+    """hydra-optuna-sweeper registers hydra/sweeper=optuna; ours is digitnet_optuna, whatever the
+    plugins' import order, and `-m` runs ours."""
+    site = tmp_path / "site"
+    pip = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site),
+         "hydra-optuna-sweeper"], capture_output=True, text=True, timeout=300,
+    )
+    assert pip.returncode == 0, pip.stderr
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+
+    def sweeper_target(*overrides: str) -> str:
+        shown = subprocess.run([sys.executable, str(APP), *overrides, "--cfg", "hydra"], cwd=tmp_path, env=env,
+                               capture_output=True, text=True, timeout=120)
+        assert shown.returncode == 0, shown.stderr
+        return yaml.safe_load(shown.stdout)["hydra"]["sweeper"].get("_target_", "")
+
+    assert sweeper_target("hydra/sweeper=optuna").endswith(".OptunaSweeper")  # theirs is installed
+    assert sweeper_target() == "hydra_plugins.digitnet_optuna_sweeper.sweeper.DigitnetOptunaSweeper"
+    done = subprocess.run(command(*SPACE, "hydra.sweeper.n_trials=2"), cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert_exactly_ended(load(tmp_path), 2)
+    assert (tmp_path / "sweeps" / "demo" / "best.yaml").is_file()  # our report

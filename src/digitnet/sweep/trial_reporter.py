@@ -10,7 +10,8 @@ from typing import Any
 
 import optuna
 
-from digitnet.sweep.study import load_study
+from digitnet.sweep import compat
+from digitnet.sweep.study import load_study, open_storage
 
 
 class TrialReporter:
@@ -20,11 +21,8 @@ class TrialReporter:
         self, storage: str, study_name: str, trial_number: int, monitor: str, pruner: Any = "none"
     ) -> None:
         self.monitor = monitor
-        study = load_study(storage, study_name, pruner=pruner)
-        trial_id = study._storage.get_trial_id_from_study_id_trial_number(
-            study._study_id, trial_number
-        )
-        self.trial = optuna.Trial(study, trial_id)
+        rdb = open_storage(storage)
+        self.trial = compat.trial_of(load_study(rdb, study_name, pruner=pruner), rdb, trial_number)
 
     def report(self, value: float, epoch: int) -> None:
         self.trial.report(value, epoch)

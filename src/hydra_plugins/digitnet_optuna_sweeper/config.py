@@ -1,4 +1,5 @@
-"""The sweeper's config, registered as ``hydra/sweeper: optuna``; all keys live under hydra.sweeper."""
+"""The sweeper's config, registered as ``hydra/sweeper: digitnet_optuna`` (not ``optuna``, the
+name of hydra-optuna-sweeper, which may be installed alongside); all keys live under hydra.sweeper."""
 
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
@@ -37,5 +38,5 @@ class DigitnetOptunaSweeperConf:
 
 
 ConfigStore.instance().store(
-    group="hydra/sweeper", name="optuna", node=DigitnetOptunaSweeperConf, provider="digitnet"
+    group="hydra/sweeper", name="digitnet_optuna", node=DigitnetOptunaSweeperConf, provider="digitnet"
 )

@@ -4,6 +4,9 @@ Each launch is a batch of up to ``n_jobs`` trials, run by the configured ``hydra
 (basic: one after the other; joblib, submitit_local, submitit_slurm: in parallel). Trial k
 always runs in ``<sweep dir>/k`` (``hydra.sweep.subdir=k``), whatever the job's number. More
 parallelism: start the same command in more processes or machines against one storage.
+
+A process that Lightning starts for a DDP trial re-runs the sweep's command line: its sweeper runs
+that trial's job instead (see digitnet.sweep.trial_ranks).
 """
 
 from __future__ import annotations
@@ -23,17 +26,17 @@ from typing import Any
 import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.plugins import Plugins
-from hydra.core.utils import JobReturn
+from hydra.core.utils import JobReturn, run_job, setup_globals
 from hydra.errors import HydraException
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from optuna.distributions import CategoricalDistribution, IntDistribution
 from optuna.trial import TrialState
 
 from digitnet.atomic import write_atomically
 from digitnet.errors import DigitnetError
-from digitnet.sweep import budget, report
+from digitnet.sweep import budget, compat, report, trial_ranks
 from digitnet.sweep.study import (
     heartbeat,
     make_pruner,
@@ -81,7 +84,10 @@ class DigitnetOptunaSweeper(Sweeper):
         )
         logging.getLogger(type(self.launcher).__module__).addFilter(_QUIET_LAUNCHER)
 
-    def sweep(self, arguments: list[str]) -> optuna.Study:
+    def sweep(self, arguments: list[str]) -> optuna.Study | None:
+        job = trial_ranks.job_of_this_rank()
+        if job is not None:
+            return self._join_trial(job)
         try:
             return self._sweep(arguments)
         except DigitnetError as err:
@@ -125,13 +131,13 @@ class DigitnetOptunaSweeper(Sweeper):
         assert self.task is not None
         self.task.study = StudyAccess(
             storage_url, study.study_name, len(directions), conf.heartbeat_interval,
-            conf.grace_period, self._torch_threads(),
+            conf.grace_period, self._torch_threads(), os.getpid(),
         )
         trial_runner = _TrialRunner(self, space, study, storage, n_trials, monitor, storage_url)
         while self._check_failure_rate(study, n_trials):
             budget.fail_stale_trials(study)
             batch: list[optuna.Trial] = []
-            while len(batch) < conf.n_jobs and (trial := budget.claim_trial(study, n_trials)):
+            while len(batch) < conf.n_jobs and (trial := budget.claim_trial(study, storage, n_trials)):
                 if trial.number != next_number:
                     # Another worker shares the study: don't mirror its (equally seeded) draws.
                     study.sampler.reseed_rng()
@@ -143,6 +149,26 @@ class DigitnetOptunaSweeper(Sweeper):
         budget.wait_for_running(study, n_trials, poll_seconds=min(conf.heartbeat_interval, 2))
         self._finish(study, n_trials, sweep_dir)
         return study
+
+    def _join_trial(self, job: dict[str, Any]) -> None:
+        """Run a trial's job as one of its DDP processes: same config, same run dir. The trial's own
+        process reports its outcome; this one exits 0 unless it failed on its own (Lightning then
+        stops the trial's other processes)."""
+        assert self.hydra_context is not None and self.config is not None and self.task is not None
+        run_dir = Path(job["run_dir"])
+        where = [f"hydra.sweep.dir={override_value(str(run_dir.parent))}", f"hydra.sweep.subdir={run_dir.name}"]
+        config = self.hydra_context.config_loader.load_sweep_config(self.config, [*job["overrides"], *where])
+        with open_dict(config):
+            config.hydra.job.id, config.hydra.job.num = job["id"], job["num"]
+        setup_globals()
+        result = run_job(
+            hydra_context=self.hydra_context, task_function=self.task.task_function, config=config,
+            job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir",
+        )
+        error = compat.job_error(result)
+        if error is not None and not isinstance(error, optuna.TrialPruned | DigitnetError):
+            raise error
+        return None
 
     def _torch_threads(self) -> int | None:
         """Torch threads per job when a batch's jobs share cores: the launcher's cpus_per_task
@@ -226,13 +252,19 @@ class _TrialRunner:
         self.sweeper, self.space, self.study, self.storage = sweeper, space, study, storage
         self.n_trials, self.monitor, self.storage_url = n_trials, monitor, storage_url
         self.sweep_dir = Path(sweeper.config.hydra.sweep.dir).absolute()  # type: ignore[union-attr]
+        self._ids: dict[int, int] = {}  # trial number -> storage id
+
+    def _id(self, trial: optuna.Trial) -> int:
+        if trial.number not in self._ids:
+            self._ids[trial.number] = compat.trial_id(self.storage, self.study.study_name, trial.number)
+        return self._ids[trial.number]
 
     def run(self, batch: list[optuna.Trial]) -> None:
         results: list[JobReturn | None] = [None] * len(batch)
         launch_error = None
         with ExitStack() as beats:
             for trial in batch:
-                beats.enter_context(heartbeat(self.storage, trial._trial_id))
+                beats.enter_context(heartbeat(self.storage, self._id(trial)))
             jobs = [self._job_overrides(trial) for trial in batch]
             try:
                 results = list(self.sweeper.launcher.launch(jobs, batch[0].number))
@@ -275,11 +307,10 @@ class _TrialRunner:
         first lost job): wait until each started one stored its outcome or stopped beating."""
         poll = min(self.storage.get_heartbeat_interval() or 2, 2)
         while True:
-            # Optuna's staleness test; its public fail_stale_trials would end them without our error
-            stale = set(self.storage._get_stale_trial_ids(self.study._study_id))
-            attrs = [self.storage.get_trial(t._trial_id).user_attrs for t in batch]
+            stale = compat.stale_trial_ids(self.storage, self.study.study_name)
+            attrs = [self.storage.get_trial(self._id(t)).user_attrs for t in batch]
             if not any(
-                WORKER in a and OUTCOME not in a and t._trial_id not in stale
+                WORKER in a and OUTCOME not in a and self._id(t) not in stale
                 for t, a in zip(batch, attrs, strict=True)
             ):
                 return
@@ -290,10 +321,10 @@ class _TrialRunner:
     ) -> None:
         """Tell the outcome the job stored; without one the trial failed with the job's or the
         launcher's error."""
-        frozen = self.storage.get_trial(trial._trial_id)
+        frozen = self.storage.get_trial(self._id(trial))
         if frozen.state.is_finished():  # failed as stale by another worker meanwhile
             return
-        raised = launch_error if result is None else result._return_value
+        raised = launch_error if result is None else compat.job_error(result)
         if not isinstance(raised, Exception) or isinstance(raised, optuna.TrialPruned):
             raised = None  # the task's return value, or Ctrl-C: no traceback to show
         outcome = frozen.user_attrs.get(OUTCOME)

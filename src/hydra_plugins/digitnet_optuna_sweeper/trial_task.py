@@ -5,6 +5,9 @@ The job itself stores its outcome in the study (user attr ``outcome``) through t
 storage, and keeps the trial's heartbeat while it runs, so the sweeper learns each trial's result
 even when the launcher loses the job's return value (submitit raises for a whole batch when one
 of its jobs was cancelled).
+
+A trial run by the sweep's own process (the basic launcher) may train in several processes: it
+offers its job to the processes Lightning starts (digitnet.sweep.trial_ranks).
 """
 
 from __future__ import annotations
@@ -14,14 +17,16 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import TaskFunction
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from digitnet.sweep import compat, trial_ranks
 from digitnet.sweep.study import heartbeat, open_storage
 
 OUTCOME = "outcome"  # user attr: {"state": "COMPLETE", "values": [...]} / PRUNED / FAIL + error
@@ -40,6 +45,7 @@ class StudyAccess:
     heartbeat_interval: int
     grace_period: int
     torch_threads: int | None = None  # limit per job when jobs share a machine's cores
+    sweeper_pid: int = 0  # the sweep's process: Lightning re-runs its command line for DDP ranks
 
 
 class TrialTask:
@@ -56,7 +62,8 @@ class TrialTask:
         def store(outcome: dict[str, Any]) -> None:
             storage.set_trial_user_attr(trial_id, OUTCOME, outcome)
 
-        with heartbeat(storage, trial_id):
+        in_sweep_process = os.getpid() == study.sweeper_pid
+        with heartbeat(storage, trial_id), trial_ranks.offered(_job()) if in_sweep_process else nullcontext():
             try:
                 returned = self.task_function(cfg)
             except optuna.TrialPruned:
@@ -73,9 +80,7 @@ class TrialTask:
         assert self.study is not None
         hydra = HydraConfig.get()
         number = int(hydra.sweep.subdir)  # the sweeper puts trial k in <sweep dir>/k
-        trial_id = storage.get_trial_id_from_study_id_trial_number(
-            storage.get_study_id_from_name(self.study.name), number
-        )
+        trial_id = compat.trial_id(storage, self.study.name, number)
         state = storage.get_trial(trial_id).state
         if state.is_finished():  # e.g. a queued job the sweeper already gave up on
             raise RuntimeError(f"trial {number} already ended as {state.name}")
@@ -102,6 +107,17 @@ class TrialTask:
             return None
         torch.set_num_threads(threads)
         return torch.get_num_threads()
+
+
+def _job() -> dict[str, Any]:
+    """This Hydra job, as the trial's other DDP processes need it to compose the same config."""
+    hydra = HydraConfig.get()
+    return {
+        "overrides": OmegaConf.to_container(hydra.overrides.task),
+        "run_dir": hydra.runtime.output_dir,
+        "id": hydra.job.id,
+        "num": hydra.job.num,
+    }
 
 
 def objective_values(returned: Any, n_objectives: int) -> list[float]:
