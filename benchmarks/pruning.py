@@ -45,6 +45,7 @@ PRUNERS = {
     "none": "none",
     "median_warmup1": "{name:median,n_startup_trials:3,n_warmup_steps:1}",
     "median_warmup0": "{name:median,n_startup_trials:3,n_warmup_steps:0}",
+    "percentile60": "{name:percentile,percentile:60,n_startup_trials:3,n_warmup_steps:0}",
     "asha_rf2": "{name:successive_halving,min_resource:1,reduction_factor:2}",
     "hyperband_rf3": "{name:hyperband,min_resource:1,reduction_factor:3}",
     "patient_median": "{name:patient,patience:1,wrapped_pruner:{name:median,n_startup_trials:3,n_warmup_steps:0}}",
