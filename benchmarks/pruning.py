@@ -166,8 +166,15 @@ def summary(study: optuna.Study, seconds: float | None = None) -> dict:
         "pruned": states[TrialState.PRUNED],
         # trials of the second half that ran to the end: the search still finds trials worth finishing
         "late_complete": sum(t.state == TrialState.COMPLETE for t in trials if t.number >= half),
-        "seconds": seconds if seconds is not None else sum(t.user_attrs["seconds"] for t in trials),
+        "seconds": seconds if seconds is not None else sum(_seconds(t) for t in trials),
     }
+
+
+def _seconds(trial: FrozenTrial) -> float:
+    """A replayed trial's estimate, or a real trial's measured seconds."""
+    if "seconds" in trial.user_attrs:
+        return trial.user_attrs["seconds"]
+    return (trial.datetime_complete - trial.datetime_start).total_seconds()
 
 
 def main() -> None:
@@ -204,7 +211,8 @@ def main() -> None:
     for seed in args.seeds:
         seconds = run_sweep(args.sweep, "none", seed, args.override, out / f"seed{seed}" / "none", args.fresh)
         baseline = load(out / f"seed{seed}" / "none")
-        rows[seed, "none"] = summary(baseline, seconds)
+        # replayed pruners are timed by their trials: so is the baseline they are compared with
+        rows[seed, "none"] = summary(baseline, seconds if args.real else None)
         curves = Curves(baseline, args.sweep, args.override, out / f"seed{seed}")
         for name, spec in chosen.items():
             if args.real:
@@ -217,7 +225,7 @@ def main() -> None:
             print(f"seed {seed} {name}: {row['epochs']} epochs, best {row['best']:.4f}, "
                   f"{row['complete']} complete / {row['pruned']} pruned", flush=True)
         if not args.real:
-            print(f"seed {seed}: {curves.trained} trial(s) with new parameters trained", flush=True)
+            print(f"seed {seed}: {curves.trained} trial(s) with parameters the baseline did not train", flush=True)
 
     how = "real sweeps" if args.real else "replayed on the sweep without pruning"
     print(f"\nsweep={args.sweep} {' '.join(args.override)} ({how})".replace("  ", " "))
@@ -228,7 +236,7 @@ def main() -> None:
               f"{row['best']:.4f}  {row['best'] - base['best']:+.4f}  {row['complete']:8d}  {row['pruned']:6d}  "
               f"{row['late_complete']:13d}  {row['seconds']:6.0f}  {row['seconds'] / base['seconds']:5.2f}")
     print("(ratio: against no pruning with the same seed; late complete: trials of the second half that ran "
-          "every epoch; wall s: the sweep's, or replayed: the sum of its trials' measured seconds)")
+          "every epoch; wall s: with --real the sweeps' own, else the sum of the trials' measured seconds)")
 
 
 if __name__ == "__main__":
