@@ -129,10 +129,17 @@ def test_sampler_and_pruner_factories():
     assert isinstance(pruner, optuna.pruners.MedianPruner) and pruner._n_warmup_steps == 3
     assert isinstance(make_pruner("hyperband"), optuna.pruners.HyperbandPruner)
     assert isinstance(make_pruner("none"), optuna.pruners.NopPruner)
+    asha = make_pruner({"name": "successive_halving", "min_resource": 1, "reduction_factor": 2})
+    assert isinstance(asha, optuna.pruners.SuccessiveHalvingPruner) and asha._reduction_factor == 2
+    patient = make_pruner({"name": "patient", "patience": 1, "wrapped_pruner": {"name": "median"}})
+    assert isinstance(patient, optuna.pruners.PatientPruner)
+    assert isinstance(patient._wrapped_pruner, optuna.pruners.MedianPruner)
     with pytest.raises(DigitnetError, match="unknown sampler 'bayes'"):
         make_sampler("bayes", 0)
     with pytest.raises(DigitnetError, match="unknown pruner"):
-        make_pruner("patient")
+        make_pruner("wilcoxon")
+    with pytest.raises(DigitnetError, match="bad options for pruner 'patient'"):
+        make_pruner({"name": "patient", "wrapped_pruner": "median"})  # no patience
     with pytest.raises(DigitnetError, match="bad options for pruner 'none'"):
         make_pruner({"name": "none", "n_warmup_steps": 1})
     with pytest.raises(DigitnetError, match="needs choice"):

@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+from digitnet.sweep.study import make_pruner
 from hydra_plugins.digitnet_optuna_sweeper.search_space import parse_search_space
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,6 +38,7 @@ def test_example_sweeps_compose_every_choice(name):
         base = [f"sweep={name}"]
         cfg = compose("train", overrides=base, return_hydra_config=True)
         assert cfg.hydra.sweeper.study_name == name
+        make_pruner(OmegaConf.to_container(cfg.hydra.sweeper)["pruner"])  # the shipped pruner builds
         params = OmegaConf.to_container(cfg.hydra.sweeper.params)
         space = parse_search_space(params, [], OverridesParser.create())
         assert space.params
@@ -58,6 +60,24 @@ def test_tiny_real_sweep_reports_every_epoch_and_writes_runs(real_data, tmp_path
     best = yaml.safe_load((sweep_dir / "best.yaml").read_text())
     assert best["best"]["value"] == study.best_value
     assert "optim.lr=" in best["best"]["command"] and "model=mlp" in best["best"]["command"]
+
+
+def test_quick_sweeps_pruner_saves_epochs_yet_lets_sampled_trials_finish(real_data, tmp_path):
+    """Pruning must not end every trial after the first ones: the search keeps finding trials
+    worth finishing (the tiny budget's curves differ from the full sweep's, the rule is the same)."""
+    n_trials = 6
+    tiny = [o for o in TINY if not o.startswith(("model=", "trainer.max_epochs="))]
+    train_sweep(tmp_path, "sweep=quick", f"hydra.sweeper.n_trials={n_trials}", *tiny, "registry.enabled=false")
+    sweep_dir = tmp_path / "sweeps" / "quick"
+    study = optuna.load_study(study_name="quick", storage=f"sqlite:///{sweep_dir}/study.db")
+    states = [t.state.name for t in study.trials]
+    assert len(states) == n_trials and "FAIL" not in states
+    assert "PRUNED" in states
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        pruner = compose("train", overrides=["sweep=quick"], return_hydra_config=True).hydra.sweeper.pruner
+    assert "COMPLETE" in states[pruner.n_startup_trials:], states
+    epochs = sum(len(t.intermediate_values) for t in study.trials)
+    assert epochs < n_trials * 4
 
 
 def test_tiny_real_sweep_runs_trials_in_parallel_with_joblib(real_data, tmp_path):

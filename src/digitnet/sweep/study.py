@@ -1,7 +1,9 @@
 """Opening Optuna studies for sweeps: storage, samplers and pruners from plain config values.
 
 Samplers and pruners are given as a name (``"tpe"``) or a mapping with a ``name`` and the
-Optuna constructor's keyword arguments (``{name: median, n_warmup_steps: 2}``).
+Optuna constructor's keyword arguments (``{name: median, n_warmup_steps: 2}``); the patient
+pruner takes the pruner it wraps the same way (``{name: patient, patience: 1, wrapped_pruner:
+{name: median}}``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ SAMPLERS = {
 }
 PRUNERS = {
     "median": optuna.pruners.MedianPruner,
+    "percentile": optuna.pruners.PercentilePruner,
+    "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
     "hyperband": optuna.pruners.HyperbandPruner,
+    "patient": optuna.pruners.PatientPruner,
     "none": optuna.pruners.NopPruner,
 }
 
@@ -55,6 +60,8 @@ def make_pruner(spec: Any) -> optuna.pruners.BasePruner:
     name, kwargs = split_spec(spec, "pruner")
     if name not in PRUNERS:
         raise DigitnetError(f"unknown pruner {name!r}; choose one of {', '.join(PRUNERS)}")
+    if name == "patient" and kwargs.get("wrapped_pruner") is not None:
+        kwargs = {**kwargs, "wrapped_pruner": make_pruner(kwargs["wrapped_pruner"])}
     return _construct(PRUNERS[name], kwargs, f"pruner {name!r}")
 
 

@@ -24,7 +24,8 @@ class DigitnetOptunaSweeperConf:
     # tpe | random | grid | cmaes | nsgaii, or {name: tpe, <constructor kwargs>}
     sampler: Any = "tpe"
     seed: Optional[int] = 0
-    # median | hyperband | none, or {name: median, <constructor kwargs>}
+    # median | percentile | successive_halving | hyperband | patient | none,
+    # or {name: median, <constructor kwargs>} (patient: wrapped_pruner: {name: ...})
     pruner: Any = "median"
     # Metric reported each epoch for pruning; default: the task config's optimized_metric.
     monitor: Optional[str] = None
