@@ -61,14 +61,18 @@ def classifier_from_onnx(model: str | Path | bytes, source: str) -> Classifier:
     meta = session.get_modelmeta().custom_metadata_map  # written by digitnet.export
     input_name = session.get_inputs()[0].name
     batch_dim = session.get_inputs()[0].shape[0]
-    if batch_dim == 1:  # the default model.onnx takes one image: batches run several times faster
-        session = _any_batch(model, session, ort) or session
-        batch_dim = session.get_inputs()[0].shape[0]
-    batch = batch_dim if isinstance(batch_dim, int) else BATCH
+    run, batch = session.run, batch_dim if isinstance(batch_dim, int) else BATCH
+    widen = batch == 1  # the default model.onnx takes one image: batches of many run several times faster
 
     def probabilities(x: torch.Tensor) -> torch.Tensor:
+        nonlocal run, batch, widen
         array = x.float().numpy()
-        outputs = [session.run(None, {input_name: array[i : i + batch]})[0] for i in range(0, len(array), batch)]
+        if widen and len(array) > 1:  # tried once, when many images come (never for serve's single ones)
+            widen = False
+            batched = _any_batch(model, session, ort)
+            if batched is not None:
+                run, batch = batched.run, BATCH
+        outputs = [run(None, {input_name: array[i : i + batch]})[0] for i in range(0, len(array), batch)]
         return torch.from_numpy(np.concatenate(outputs))
 
     class_names = json.loads(meta["class_names"]) if "class_names" in meta else [str(i) for i in range(10)]
