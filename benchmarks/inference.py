@@ -38,6 +38,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CANVAS = 280  # the page's canvas: 10 pixels per MNIST pixel
 
 
+def fail(message: str) -> None:
+    """Bad input: one line, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def train_model(folder: Path, batches: int) -> Path:
     """A short real `python train.py model=cnn` run without tracker or registry; its run dir."""
     run_dir = folder / "run"
@@ -53,12 +59,12 @@ def train_model(folder: Path, batches: int) -> Path:
 
 def run_models(run_dir: Path) -> tuple[Path, Path]:
     """The run's checkpoint (the best one, as metrics.json names it) and its model.onnx."""
-    metrics = run_dir / "metrics.json"
-    onnx = run_dir / "model.onnx"
-    if not metrics.is_file() or not onnx.is_file():
-        raise SystemExit(f"error: {run_dir} is not a finished run dir with model.onnx; pass the dir of a "
-                         "`python train.py` run, or leave out --run to train one")
-    return Path(json.loads(metrics.read_text())["best_checkpoint"]), onnx
+    metrics, onnx = run_dir / "metrics.json", run_dir / "model.onnx"
+    checkpoint = json.loads(metrics.read_text()).get("best_checkpoint") if metrics.is_file() else None
+    if not onnx.is_file() or not checkpoint or not Path(checkpoint).is_file():
+        fail(f"{run_dir} is not a finished run dir with model.onnx and its best checkpoint; pass the dir of a "
+             "`python train.py` run, or leave out --run to train one")
+    return Path(checkpoint), onnx
 
 
 # ---------------------------------------------------------------------------- predict
@@ -216,7 +222,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000, help="serve requests in all")
     args = parser.parse_args()
     if not 1 <= args.images <= 10_000 or min(args.repeats, args.clients, args.requests, args.train_batches) < 1:
-        raise SystemExit("error: --images must be in 1..10000; --repeats, --clients, --requests, --train-batches >= 1")
+        fail("--images must be in 1..10000; --repeats, --clients, --requests, --train-batches at least 1")
 
     from digitnet.data.idx import load_split
     from digitnet.errors import DigitnetError
@@ -224,7 +230,7 @@ def main() -> None:
     try:
         images, labels = load_split("mnist", "test", download=False)
     except DigitnetError as err:
-        raise SystemExit(f"error: {err}") from None
+        fail(str(err))
     images, labels = images[: args.images].numpy(), labels[: args.images].numpy()
     with tempfile.TemporaryDirectory(prefix="digitnet-inference-") as tmp:
         folder = Path(tmp)
