@@ -30,6 +30,7 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 from PIL import Image
@@ -38,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CANVAS = 280  # the page's canvas: 10 pixels per MNIST pixel
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """Bad input: one line, exit status 2."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
