@@ -38,3 +38,27 @@ def test_recipe_seconds_interleaves_the_recipe_and_a_variant_and_summarises_both
     _median, _ratio, accuracy, name = fields.split(maxsplit=3)
     assert name == '"model.widths=[8,16,32]"' and accuracy.endswith("%")
     assert len(seconds.split()) == 2  # one run per round
+
+
+def test_inference_benchmark_predicts_and_serves_real_images_without_errors(real_data):
+    done = subprocess.run(
+        [sys.executable, "benchmarks/inference.py", "--train-batches", "20", "--images", "200", "--repeats", "1",
+         "--clients", "20", "--requests", "40"],
+        cwd=ROOT, capture_output=True, text=True, timeout=1200,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    rounds = [line for line in lines if line.startswith("predict round")]
+    assert [line.split(":")[0] for line in rounds] == ["predict round 1 checkpoint", "predict round 1 onnx"]
+    accuracies = {line.rsplit("accuracy ", 1)[1] for line in rounds}
+    assert len(accuracies) == 1 and float(accuracies.pop().rstrip("%")) > 50  # one model, trained on real digits
+    assert all("200 images in" in line for line in rounds)
+    for name in ("command", "model alone"):
+        (summary,) = [line for line in lines if line.startswith(f"predict {name} images/s")]
+        ratio = summary.rsplit("onnx/checkpoint ", 1)[1]
+        assert ratio.endswith("x") and float(ratio[:-1]) > 0
+    (serve,) = [line for line in lines if line.startswith("serve:")]
+    assert serve.startswith("serve: 20 clients, 40 requests in ") and "errors 0," in serve
+    p50, p99 = (float(serve.split(f"{p} ")[1].split(" ms")[0]) for p in ("p50", "p99"))
+    assert 0 < p50 <= p99
+    assert float(serve.rsplit("accuracy ", 1)[1].rstrip("%")) > 50

@@ -271,3 +271,30 @@ def test_predicting_into_a_closed_pipe_exits_quietly(trained, test_digits, real_
     predict.stdout.close()
     assert predict.wait(timeout=300) == 1 and predict.stderr.read() == ""
     assert head.stdout.startswith(f"{idx}[0]  7  ") and head.stdout.count("\n") == 2
+
+
+class _BatchOfOne(torch.nn.Module):
+    """A network whose exported graph has its batch of 1 baked into a Reshape."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(28 * 28, 10)
+
+    def forward(self, x):
+        return self.linear(x.reshape(1, 28 * 28)).softmax(1)
+
+
+def test_one_image_onnx_graphs_give_per_image_results_for_many_images(trained, test_digits, tmp_path):
+    """model.onnx takes one image; predict runs it on batches when the graph allows it, else one by one."""
+    import onnxruntime as ort
+
+    baked = tmp_path / "baked.onnx"
+    torch.onnx.export(_BatchOfOne().eval(), (torch.zeros(1, 1, 28, 28),), str(baked), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["output"])
+    x = torch.from_numpy(test_digits[0])[:, None].float() / 255
+    for path in (trained.onnx, baked):
+        session = ort.InferenceSession(str(path))
+        assert session.get_inputs()[0].shape[0] == 1
+        one_by_one = np.concatenate([session.run(None, {"input": image[None]})[0] for image in x.numpy()])
+        probs = load_classifier(str(path)).probabilities(x)
+        assert probs.shape == (N, 10) and np.allclose(probs.numpy(), one_by_one, atol=1e-5)
