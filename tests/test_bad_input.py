@@ -73,7 +73,9 @@ CASES = [
     (["optim=sgd", "optim.momentum=0"], None, "optim: Nesterov momentum requires a momentum and zero dampening"),
     (["+optim.foo=1"], None, "optim: AdamW.__init__() got an unexpected keyword argument 'foo'"),
     # sched
-    (["sched.pct_start=5"], None, "sched.pct_start=5 must be in (0, 1)"),
+    (["sched.pct_start=5"], None, "sched.pct_start=5 must be in (0, 1]"),
+    (["sched.name=step"], None, "sched.name='step' is not one of ['cosine', 'none', 'onecycle']"),
+    (["+sched.gamma=0.1"], None, "bad settings for sched=onecycle: onecycle() got an unexpected keyword argument 'gamma'"),
     (["sched.div_factor=0"], None, "sched.div_factor=0 must be > 0"),
     (["sched=cosine", "sched.warmup_frac=2"], None, "sched.warmup_frac=2 must be in [0, 1)"),
     # trainer
