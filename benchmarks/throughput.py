@@ -25,7 +25,7 @@ from digitnet.data.datamodule import DigitDataModule
 from digitnet.data.idx import data_root
 from digitnet.module import DigitClassifier
 
-OPTIM = {"_target_": "torch.optim.AdamW", "lr": 1e-3, "weight_decay": 0.05}
+OPTIM = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3, "weight_decay": 0.05}
 AUGS = {
     "none": ({"name": "none"}, []),
     "light": (
@@ -69,7 +69,7 @@ def torchvision_pipeline(model: str, aug: str, batch_size: int, batches: int, wa
     dataset = torchvision.datasets.MNIST(str(data_root()), train=True, transform=transform, download=False)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers)
     net = DigitClassifier(model={"name": model}).net  # the same network, standardising layer included
-    optimizer = torch.optim.AdamW(net.parameters(), **{k: v for k, v in OPTIM.items() if k != "_target_"})
+    optimizer = torch.optim.AdamW(net.parameters(), **{k: v for k, v in OPTIM.items() if not k.startswith("_")})
     net.train()
     start = 0.0
     for i, (x, y) in enumerate(loader):

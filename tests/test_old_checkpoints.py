@@ -18,6 +18,7 @@ from digitnet.checkpoint import load_checkpoint
 from digitnet.data.idx import load_split
 from digitnet.evaluate import evaluate
 from digitnet.export import export_checkpoint
+from digitnet.optim import build_optimizer
 from test_evaluate import eval_config
 
 DATA = Path(__file__).parent / "data"
@@ -35,6 +36,7 @@ def test_the_old_checkpoint_loads_with_its_settings(images):
     module = load_checkpoint(OLD)
     assert module.hparams.model == {"name": "mlp", "hidden": [6], "dropout": 0.0}
     assert module.hparams.label_smoothing == 0.1 and module.hparams.mixup_alpha == 0.2
+    assert isinstance(build_optimizer(module.net, module.hparams.optim), torch.optim.SGD)  # resumable as well
     with torch.no_grad():
         np.testing.assert_allclose(module.eval()(images).softmax(1).numpy(), EXPECTED, atol=1e-5)
 

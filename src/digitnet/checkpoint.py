@@ -88,6 +88,7 @@ def load_checkpoint_from(source: Path | bytes, path: str) -> L.LightningModule:
             f"{path} is not a digitnet checkpoint (no digitnet hyperparameters); "
             "export a checkpoint written by `python train.py` (outputs/.../checkpoints/*.ckpt)"
         )
+    checkpoint["hyper_parameters"] = upgrade_hparams(hparams)
     # torch.compile wraps modules as `_orig_mod`; the plain module has the same weights without it
     checkpoint["state_dict"] = {k.replace("_orig_mod.", ""): v for k, v in checkpoint["state_dict"].items()}
     buffer = io.BytesIO()
@@ -100,6 +101,14 @@ def load_checkpoint_from(source: Path | bytes, path: str) -> L.LightningModule:
         raise DigitnetError(
             f"{path} does not fit its own model config {dict(hparams['model'])}: {first_line}"
         ) from None
+
+
+def upgrade_hparams(hparams: dict) -> dict:
+    """The hyperparameters of a checkpoint from an earlier digitnet in today's config format."""
+    hparams = dict(hparams)
+    if isinstance(hparams.get("optim"), dict) and "_target_" in hparams["optim"]:
+        hparams["optim"] = {"_partial_": True, **hparams["optim"]}  # the optimizer class was called by hand
+    return hparams
 
 
 def load_checkpoint_of(path: str | Path, model_name: str, key: str) -> L.LightningModule:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
+import functools
 import math
 
 import torch
@@ -168,14 +168,15 @@ def _validate_optim(cfg: DictConfig) -> None:
     _require(_number(cfg, "optim.lr") > 0, f"optim.lr={cfg.optim.lr} must be positive")
     _require("weight_decay" not in cfg.optim or _number(cfg, "optim.weight_decay") >= 0,
              f"optim.weight_decay={cfg.optim.get('weight_decay')} must be >= 0")
-    target = str(cfg.optim.get("_target_"))
-    module_name, _, class_name = target.rpartition(".")
+    target = cfg.optim.get("_target_")
     try:
-        optimizer_class = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError, ValueError):
-        optimizer_class = None
-    _require(isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer),
-             f"optim._target_={target} is not an optimizer class (e.g. torch.optim.AdamW, torch.optim.SGD)")
+        factory = instantiate(cfg.optim)
+    except InstantiationException:  # no such class
+        factory = None
+    _require(isinstance(factory, functools.partial) and isinstance(factory.func, type)
+             and issubclass(factory.func, torch.optim.Optimizer),
+             f"optim._target_={target} is not an optimizer class (e.g. torch.optim.AdamW, torch.optim.SGD) "
+             "with _partial_: true")
     try:
         build_optimizer(nn.Linear(1, 1), OmegaConf.to_container(cfg.optim, resolve=True))
     except (TypeError, ValueError) as err:  # e.g. betas out of range, nesterov without momentum, unknown keys

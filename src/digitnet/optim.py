@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable, Mapping
 
 import torch
-from hydra.utils import get_class
+from hydra.utils import instantiate
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, OneCycleLR, SequentialLR
 
@@ -23,10 +23,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: Mapping) -> torch.optim.Optimizer:
-    """`cfg` names any torch optimizer class (`_target_: torch.optim.AdamW`) and its arguments."""
-    kwargs = dict(cfg)
-    optimizer_class = get_class(kwargs.pop("_target_"))
-    return optimizer_class(param_groups(model, kwargs.pop("weight_decay", 0.0)), **kwargs)
+    """`cfg` is a Hydra partial of any torch optimizer class (`_target_: torch.optim.AdamW`, `_partial_: true`
+    and its arguments); `weight_decay` applies to the weights only (`param_groups`)."""
+    return instantiate(cfg)(param_groups(model, cfg.get("weight_decay", 0.0)))
 
 
 # name -> function(optimizer, total_steps, **keys of conf/sched/<name>.yaml) -> LR scheduler or None
