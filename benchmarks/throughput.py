@@ -52,7 +52,7 @@ class Stopwatch(L.Callback):
 def digitnet_pipeline(model: str, aug: str, batch_size: int, batches: int, warmup: int, channels_last: bool) -> float:
     datamodule = DigitDataModule("mnist", batch_size=batch_size, download=False)
     module = DigitClassifier(model={"name": model}, optim=OPTIM, sched={"name": "none"}, aug=AUGS[aug][0])
-    if channels_last:  # what `python train.py channels_last=true` does
+    if channels_last:  # what `python train.py module.channels_last=true` does
         module.to(memory_format=torch.channels_last)
     watch = Stopwatch(warmup)
     trainer = L.Trainer(
@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="baseline DataLoader workers to try")
-    parser.add_argument("--channels-last", action="store_true", help="ours in NHWC layout (config channels_last=true)")
+    parser.add_argument("--channels-last", action="store_true", help="ours in NHWC layout (config module.channels_last=true)")
     args = parser.parse_args()
     L.seed_everything(0, verbose=False)
 

@@ -101,9 +101,12 @@ CASES = [
     (["seed=-1"], None, "seed=-1 must be in [0, 2**32)"),
     (["seed=1.5"], None, "seed=1.5 must be an integer"),
     (["test=maybe"], None, "test=maybe must be true or false"),
-    (["label_smoothing=1.5"], None, "label_smoothing=1.5 must be in [0, 1)"),
-    (["ema_decay=true"], None, "ema_decay=True must be a number"),
     (["optimized_metric=[]"], None, "optimized_metric=[] must be a metric name or a list of them"),
+    # module
+    (["module.label_smoothing=1.5"], None, "module.label_smoothing=1.5 must be in [0, 1)"),
+    (["module.ema_decay=true"], None, "module.ema_decay=True must be in (0, 1) or null"),
+    (["module.compile=maybe"], None, "module.compile=maybe must be true or false"),
+    (["+module.dropout=0.1"], None, "module.dropout is not a training option; the options are ['channels_last',"),
     # paths and URLs
     (["init_from={tmp}"], None, "not found; pass a .ckpt file"),
     (["registry.url=foo://bar"], None, "registry.url: cannot open registry foo://bar: Can't load plugin"),

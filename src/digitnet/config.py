@@ -84,7 +84,7 @@ def validate(cfg: DictConfig) -> None:
     """Raise DigitnetError naming the key, its value and what would be valid."""
     seed = _number(cfg, "seed", integer=True)
     _require(0 <= seed < 2**32, f"seed={cfg.seed} must be in [0, 2**32)")
-    for key in ("test", "channels_last", "compile", "registry.enabled", "data.download",
+    for key in ("test", "registry.enabled", "data.download",
                 "trainer.enable_progress_bar", "trainer.enable_model_summary"):
         _switch(cfg, key)
     _validate_data(cfg)
@@ -96,10 +96,6 @@ def validate(cfg: DictConfig) -> None:
     for group in RULES:
         _check_rules(cfg, group)
     _validate_epochs(cfg)
-    _require(0 <= _number(cfg, "label_smoothing") < 1, f"label_smoothing={cfg.label_smoothing} must be in [0, 1)")
-    _require(cfg.ema_decay is None or 0 < _number(cfg, "ema_decay") < 1, f"ema_decay={cfg.ema_decay} must be in (0, 1) or null")
-    for key in ("mixup_alpha", "cutmix_alpha"):
-        _require(_number(cfg, key) >= 0, f"{key}={cfg[key]} must be >= 0 (0 switches it off)")
     _validate_metrics(cfg)
     _require(cfg.ckpt_path is None or cfg.init_from is None,
              "set either ckpt_path (resume a run) or init_from (fine-tune from weights), not both")

@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, OneCycleLR, SequentialLR
 
-from digitnet.errors import DigitnetError
+from digitnet.errors import DigitnetError, check_number
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -48,13 +48,6 @@ def register_schedule(name: str):
     return add
 
 
-def check(key: str, value: object, ok: Callable[[float], bool], valid: str) -> float:
-    """`sched.<key>` must be a number for which `ok` holds (`valid` says which)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
-        raise DigitnetError(f"sched.{key}={value} must be {valid}")
-    return float(value)
-
-
 @register_schedule("none")
 def constant(optimizer: torch.optim.Optimizer, total_steps: int) -> None:
     """The optimizer's LR throughout."""
@@ -65,10 +58,10 @@ def constant(optimizer: torch.optim.Optimizer, total_steps: int) -> None:
 def cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_frac: float = 0.0,
            warmup_start_factor: float = 0.01, min_lr: float = 0.0) -> LRScheduler:
     """Linear warm-up over the first `warmup_frac` of the steps, then cosine decay to `min_lr`."""
-    warmup = int(check("warmup_frac", warmup_frac, lambda v: 0 <= v < 1, "in [0, 1)") * total_steps)
-    start = check("warmup_start_factor", warmup_start_factor, lambda v: 0 < v <= 1, "in (0, 1]")
+    warmup = int(check_number("sched.warmup_frac", warmup_frac, lambda v: 0 <= v < 1, "in [0, 1)") * total_steps)
+    start = check_number("sched.warmup_start_factor", warmup_start_factor, lambda v: 0 < v <= 1, "in (0, 1]")
     decay = CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup),
-                              eta_min=check("min_lr", min_lr, lambda v: v >= 0, ">= 0"))
+                              eta_min=check_number("sched.min_lr", min_lr, lambda v: v >= 0, ">= 0"))
     if warmup == 0:
         return decay
     ramp = LinearLR(optimizer, start_factor=start, total_iters=warmup)
@@ -79,7 +72,7 @@ def cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_frac: floa
 def onecycle(optimizer: torch.optim.Optimizer, total_steps: int, pct_start: float = 0.25,
              div_factor: float = 25.0, final_div_factor: float = 1e4) -> LRScheduler:
     """OneCycle: the peak LR is the optimizer's, reached after `pct_start` of the steps."""
-    pct_start = check("pct_start", pct_start, lambda v: 0 < v <= 1, "in (0, 1]")
+    pct_start = check_number("sched.pct_start", pct_start, lambda v: 0 < v <= 1, "in (0, 1]")
     if math.isclose(pct_start * total_steps, 1):  # torch divides by the warm-up's steps minus one
         pct_start = 0.5 / total_steps  # no warm-up: the cycle starts at its peak
     return OneCycleLR(
@@ -87,8 +80,8 @@ def onecycle(optimizer: torch.optim.Optimizer, total_steps: int, pct_start: floa
         max_lr=[g["lr"] for g in optimizer.param_groups],
         total_steps=total_steps,
         pct_start=pct_start,
-        div_factor=check("div_factor", div_factor, lambda v: v > 0, "> 0"),
-        final_div_factor=check("final_div_factor", final_div_factor, lambda v: v > 0, "> 0"),
+        div_factor=check_number("sched.div_factor", div_factor, lambda v: v > 0, "> 0"),
+        final_div_factor=check_number("sched.final_div_factor", final_div_factor, lambda v: v > 0, "> 0"),
     )
 
 
