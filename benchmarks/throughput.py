@@ -27,9 +27,9 @@ from digitnet.module import DigitClassifier
 
 OPTIM = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3, "weight_decay": 0.05}
 AUGS = {
-    "none": ({"name": "none"}, []),
+    "none": ({"name": "none", "ops": {}}, []),
     "light": (
-        {"name": "light", "degrees": 10, "translate": [0.1, 0.1], "scale": [0.9, 1.1]},
+        {"name": "light", "ops": {"warp": {"degrees": 10, "translate": [0.1, 0.1], "scale": [0.9, 1.1]}}},
         [transforms.RandomAffine(10, translate=(0.1, 0.1), scale=(0.9, 1.1))],
     ),
 }
@@ -51,9 +51,8 @@ class Stopwatch(L.Callback):
 
 def digitnet_pipeline(model: str, aug: str, batch_size: int, batches: int, warmup: int, channels_last: bool) -> float:
     datamodule = DigitDataModule("mnist", batch_size=batch_size, download=False)
-    module = DigitClassifier(model={"name": model}, optim=OPTIM, sched={"name": "none"}, aug=AUGS[aug][0])
-    if channels_last:  # what `python train.py module.channels_last=true` does
-        module.to(memory_format=torch.channels_last)
+    module = DigitClassifier(model={"name": model}, optim=OPTIM, sched={"name": "none"}, aug=AUGS[aug][0],
+                             channels_last=channels_last)  # as `python train.py module.channels_last=true`
     watch = Stopwatch(warmup)
     trainer = L.Trainer(
         accelerator="auto", devices=1, max_epochs=1, limit_train_batches=batches, limit_val_batches=0,

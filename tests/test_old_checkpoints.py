@@ -12,7 +12,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from conftest import REPO
 from digitnet import cli
 from digitnet.checkpoint import load_checkpoint
 from digitnet.data.idx import load_split
@@ -37,6 +39,8 @@ def test_the_old_checkpoint_loads_with_its_settings(images):
     assert module.hparams.model == {"name": "mlp", "hidden": [6], "dropout": 0.0}
     assert module.hparams.label_smoothing == 0.1 and module.hparams.mixup_alpha == 0.2
     assert isinstance(build_optimizer(module.net, module.hparams.optim), torch.optim.SGD)  # resumable as well
+    # its flat aug=camera settings, read as today's preset of per-op settings
+    assert module.hparams.aug == OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "aug" / "camera.yaml"))
     with torch.no_grad():
         np.testing.assert_allclose(module.eval()(images).softmax(1).numpy(), EXPECTED, atol=1e-5)
 
