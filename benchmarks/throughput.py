@@ -25,11 +25,11 @@ from digitnet.data.datamodule import DigitDataModule
 from digitnet.data.idx import data_root
 from digitnet.module import DigitClassifier
 
-OPTIM = {"_target_": "torch.optim.AdamW", "lr": 1e-3, "weight_decay": 0.05}
+OPTIM = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3, "weight_decay": 0.05}
 AUGS = {
-    "none": ({"name": "none"}, []),
+    "none": ({"name": "none", "ops": {}}, []),
     "light": (
-        {"name": "light", "degrees": 10, "translate": [0.1, 0.1], "scale": [0.9, 1.1]},
+        {"name": "light", "ops": {"warp": {"degrees": 10, "translate": [0.1, 0.1], "scale": [0.9, 1.1]}}},
         [transforms.RandomAffine(10, translate=(0.1, 0.1), scale=(0.9, 1.1))],
     ),
 }
@@ -51,9 +51,8 @@ class Stopwatch(L.Callback):
 
 def digitnet_pipeline(model: str, aug: str, batch_size: int, batches: int, warmup: int, channels_last: bool) -> float:
     datamodule = DigitDataModule("mnist", batch_size=batch_size, download=False)
-    module = DigitClassifier(model={"name": model}, optim=OPTIM, sched={"name": "none"}, aug=AUGS[aug][0])
-    if channels_last:  # what `python train.py channels_last=true` does
-        module.to(memory_format=torch.channels_last)
+    module = DigitClassifier(model={"name": model}, optim=OPTIM, sched={"name": "none"}, aug=AUGS[aug][0],
+                             channels_last=channels_last)  # as `python train.py module.channels_last=true`
     watch = Stopwatch(warmup)
     trainer = L.Trainer(
         accelerator="auto", devices=1, max_epochs=1, limit_train_batches=batches, limit_val_batches=0,
@@ -69,7 +68,7 @@ def torchvision_pipeline(model: str, aug: str, batch_size: int, batches: int, wa
     dataset = torchvision.datasets.MNIST(str(data_root()), train=True, transform=transform, download=False)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers)
     net = DigitClassifier(model={"name": model}).net  # the same network, standardising layer included
-    optimizer = torch.optim.AdamW(net.parameters(), **{k: v for k, v in OPTIM.items() if k != "_target_"})
+    optimizer = torch.optim.AdamW(net.parameters(), **{k: v for k, v in OPTIM.items() if not k.startswith("_")})
     net.train()
     start = 0.0
     for i, (x, y) in enumerate(loader):
@@ -93,7 +92,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="baseline DataLoader workers to try")
-    parser.add_argument("--channels-last", action="store_true", help="ours in NHWC layout (config channels_last=true)")
+    parser.add_argument("--channels-last", action="store_true", help="ours in NHWC layout (config module.channels_last=true)")
     args = parser.parse_args()
     L.seed_everything(0, verbose=False)
 

@@ -11,7 +11,7 @@ or above `--target`, at the end of its schedule, or after `--max-seconds`.
 
     python benchmarks/time_to_accuracy.py --recipe speedrun_mnist --target 0.99
     # what an option buys: the recipe as it is and with overrides, in one process
-    python benchmarks/time_to_accuracy.py --variant channels_last=false --variant compile=true --no-classic
+    python benchmarks/time_to_accuracy.py --variant module.channels_last=false --variant module.compile=true --no-classic
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def run_recipe(recipe: str, overrides: list[str], seed: int, args) -> TrainingCl
     test_x = images.unsqueeze(1).float().div(255)  # what the module makes of a batch after the transfer
 
     def evaluate() -> float:
-        if cfg.channels_last:
+        if cfg.module.channels_last:
             return accuracy(module, test_x.to(memory_format=torch.channels_last), labels)
         return accuracy(module, test_x, labels)
 

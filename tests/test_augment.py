@@ -11,20 +11,25 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from omegaconf import OmegaConf
 
-from digitnet.data.augment import BatchAugment, affine_theta, _random_affine_theta, build_augment
+from digitnet.data.augment import AUGMENTATIONS, Augment, affine_theta, _random_affine_theta, build_augment
 from digitnet.errors import DigitnetError
 
 AUG_DIR = Path(__file__).resolve().parents[1] / "conf" / "aug"
-PRESETS = ["none", "light", "strong", "camera", "fashion"]
+PRESETS = sorted(p.stem for p in AUG_DIR.glob("*.yaml"))
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (
     ["mps"] if torch.backends.mps.is_available() else []
 )
 
 
-def load_preset(name: str) -> BatchAugment:
+def load_preset(name: str) -> Augment:
     cfg = OmegaConf.load(AUG_DIR / f"{name}.yaml")
     assert cfg.name == name
     return build_augment(cfg)
+
+
+def ops(generator: torch.Generator | None = None, **settings: dict) -> Augment:
+    """The ops named by the keywords, with those settings, in that order."""
+    return build_augment({"name": "test", "ops": settings}, generator)
 
 
 def digit_like(n: int, seed: int = 0) -> torch.Tensor:
@@ -51,7 +56,7 @@ def centre_of_mass(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([rows, cols], dim=1)
 
 
-def run_seeded(aug: BatchAugment, x: torch.Tensor, seed: int) -> torch.Tensor:
+def run_seeded(aug: Augment, x: torch.Tensor, seed: int) -> torch.Tensor:
     torch.manual_seed(seed)
     if x.device.type == "cuda":
         torch.cuda.manual_seed_all(seed)
@@ -93,7 +98,7 @@ def test_preset_preserves_float64(preset: str) -> None:
 def test_none_is_the_identity_and_returns_the_input_itself() -> None:
     x = digit_like(4)
     assert load_preset("none").op_names == []
-    assert BatchAugment()(x) is x
+    assert ops()(x) is x
 
 
 # --------------------------------------------------------------------------- light / geometry
@@ -113,7 +118,7 @@ def test_light_moves_digits_a_little_and_keeps_their_mass() -> None:
 
 
 def test_light_uses_torchvision_random_affine_ranges() -> None:
-    cfg = OmegaConf.load(AUG_DIR / "light.yaml")
+    cfg = OmegaConf.load(AUG_DIR / "light.yaml").ops.warp
     reference = T.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))
     assert [-cfg.degrees, cfg.degrees] == list(reference.degrees)
     assert list(cfg.translate) == list(reference.translate)
@@ -146,7 +151,7 @@ def test_affine_matrix_means_what_torchvision_affine_means(angle, shift, scale) 
 
 def test_elastic_warp_bends_strokes_but_keeps_the_digit() -> None:
     x = digit_like(64)
-    out = run_seeded(BatchAugment(elastic_alpha=1.5, elastic_sigma=4.0), x, 0)
+    out = run_seeded(ops(warp={"elastic_alpha": 1.5, "elastic_sigma": 4.0}), x, 0)
     assert (out - x).abs().amax(dim=(1, 2, 3)).median() > 0.1
     assert (centre_of_mass(out) - centre_of_mass(x)).abs().max() < 2.0
     mass_ratio = out.sum(dim=(1, 2, 3)) / x.sum(dim=(1, 2, 3))
@@ -160,7 +165,7 @@ def test_elastic_warp_bends_strokes_but_keeps_the_digit() -> None:
 
 def test_erasing_zeroes_one_rectangle_of_the_requested_size() -> None:
     x = torch.ones(200, 1, 28, 28)
-    out = run_seeded(BatchAugment(erase_p=1.0, erase_scale=(0.05, 0.2), erase_ratio=(0.5, 2.0)), x, 0)
+    out = run_seeded(ops(erase={"p": 1.0, "scale": (0.05, 0.2), "ratio": (0.5, 2.0)}), x, 0)
     for image in out[:, 0]:
         rows, cols = (image == 0).nonzero(as_tuple=True)
         box = image[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
@@ -171,7 +176,7 @@ def test_erasing_zeroes_one_rectangle_of_the_requested_size() -> None:
 
 def test_erasing_with_random_values_fills_the_rectangle_with_uniform_noise() -> None:
     x = torch.ones(200, 1, 28, 28)  # U(0, 1) noise is below 1 almost surely
-    out = run_seeded(BatchAugment(erase_p=1.0, erase_value="random"), x, 0)
+    out = run_seeded(ops(erase={"p": 1.0, "value": "random"}), x, 0)
     noise = out[out != 1.0]
     assert (out != 1.0).flatten(1).any(dim=1).all(), "every image has an erased rectangle"
     assert 0.0 <= noise.min() and noise.max() <= 1.0
@@ -180,7 +185,7 @@ def test_erasing_with_random_values_fills_the_rectangle_with_uniform_noise() -> 
 
 def test_erasing_probability_and_strong_preset() -> None:
     x = torch.ones(400, 1, 28, 28)
-    erased = run_seeded(BatchAugment(erase_p=0.5), x, 0).amin(dim=(1, 2, 3)) == 0
+    erased = run_seeded(ops(erase={"p": 0.5}), x, 0).amin(dim=(1, 2, 3)) == 0
     assert 0.4 < erased.float().mean() < 0.6
     assert "erase" in load_preset("strong").op_names
 
@@ -200,12 +205,12 @@ def test_camera_inverts_about_half_the_batch() -> None:
 
 def test_invert_alone_is_exact() -> None:
     x = digit_like(8)
-    torch.testing.assert_close(BatchAugment(invert_p=1.0)(x), 1 - x)
+    torch.testing.assert_close(ops(invert={"p": 1.0})(x), 1 - x)
 
 
 def test_hflip_mirrors_about_half_the_batch_exactly() -> None:
     x = digit_like(512)
-    out = run_seeded(BatchAugment(hflip_p=0.5), x, 0)
+    out = run_seeded(ops(hflip={"p": 0.5}), x, 0)
     mirrored = (out == x.flip(-1)).flatten(1).all(1)
     untouched = (out == x).flatten(1).all(1)
     assert (mirrored | untouched).all()
@@ -221,7 +226,7 @@ def shifted(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
 
 def test_whole_pixel_translation_moves_images_exactly() -> None:
     x = digit_like(64)
-    out = run_seeded(BatchAugment(translate=0.1, translate_whole_px=True), x, 0)  # up to 2.8 px: -3..3
+    out = run_seeded(ops(warp={"translate": 0.1, "translate_whole_px": True}), x, 0)  # up to 2.8 px: -3..3
     moves = {(dx, dy): shifted(x, dx, dy) for dx in range(-3, 4) for dy in range(-3, 4)}
     found = []
     for i in range(len(x)):
@@ -229,13 +234,13 @@ def test_whole_pixel_translation_moves_images_exactly() -> None:
         assert hits, f"image {i} is not an exact whole-pixel shift of its input"
         found.append(hits[0])
     assert len(set(found)) > 10, "shifts vary across the batch"
-    blurred = run_seeded(BatchAugment(translate=0.1), x, 0)
+    blurred = run_seeded(ops(warp={"translate": 0.1}), x, 0)
     assert not torch.allclose(blurred, out, atol=1e-3), "without it the shifts are fractional"
 
 
 def test_resize_aliasing_hardens_strokes() -> None:
     x = digit_like(16)
-    out = BatchAugment(alias_p=1.0, alias_factor=(4.0, 4.0))(x)
+    out = ops(alias={"p": 1.0, "factor": (4.0, 4.0)})(x)
     grey = lambda t: ((t > 0.1) & (t < 0.9)).float().mean()  # noqa: E731
     assert grey(out) < 0.6 * grey(x), "edges become crisp like a point-sampled ink stroke"
     assert (centre_of_mass(out) - centre_of_mass(x)).abs().max() < 1.0
@@ -243,14 +248,14 @@ def test_resize_aliasing_hardens_strokes() -> None:
 
 def test_blur_spreads_ink_and_keeps_the_mean() -> None:
     x = digit_like(16)
-    out = BatchAugment(blur_p=1.0, blur_sigma=(1.0, 1.0))(x)
+    out = ops(blur={"p": 1.0, "sigma": (1.0, 1.0)})(x)
     assert out.max() < x.max()
     torch.testing.assert_close(out.mean(), x.mean(), atol=5e-3, rtol=0)
 
 
 def test_noise_and_contrast_change_pixels_without_moving_the_digit() -> None:
     x = digit_like(64)
-    out = run_seeded(BatchAugment(noise_std=0.1, contrast=0.4, brightness=0.3), x, 0)
+    out = run_seeded(ops(noise={"std": 0.1}, jitter={"contrast": 0.4, "brightness": 0.3}), x, 0)
     assert (out - x).abs().mean() > 0.01
     assert (centre_of_mass(out) - centre_of_mass(x)).abs().median() < 1.0
 
@@ -260,8 +265,8 @@ def test_noise_and_contrast_change_pixels_without_moving_the_digit() -> None:
 
 def test_explicit_generator_ignores_the_global_seed() -> None:
     x = digit_like(16)
-    first = run_seeded(BatchAugment(degrees=20, noise_std=0.1, generator=torch.Generator().manual_seed(3)), x, 1)
-    second = run_seeded(BatchAugment(degrees=20, noise_std=0.1, generator=torch.Generator().manual_seed(3)), x, 2)
+    first = run_seeded(ops(torch.Generator().manual_seed(3), warp={"degrees": 20}, noise={"std": 0.1}), x, 1)
+    second = run_seeded(ops(torch.Generator().manual_seed(3), warp={"degrees": 20}, noise={"std": 0.1}), x, 2)
     assert torch.equal(first, second)
 
 
@@ -271,34 +276,52 @@ def test_explicit_generator_ignores_the_global_seed() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"rotation": 10}, "unknown key"),
-        ({"erase_p": -0.1}, "erase_p"),
-        ({"invert_p": 1.5}, "invert_p"),
-        ({"degrees": -1}, "degrees"),
-        ({"scale": [1.1, 0.9]}, "min <= max"),
-        ({"scale": [0.9]}, "[min, max]"),
-        ({"translate": "wide"}, "translate"),
-        ({"blur_sigma": [0.0, 1.0]}, "blur_sigma"),
-        ({"noise_std": -0.01}, "noise_std"),
-        ({"alias_factor": [0.5, 2.0]}, "alias_factor"),
-        ({"contrast": True}, "number"),
-        ({"translate_whole_px": "yes"}, "true or false"),
-        ({"erase_value": "noise"}, "number in [0, 1] or random"),
+        ({"warp": {"rotation": 10}}, "aug.ops.warp: RandomWarp.__init__() got an unexpected keyword argument 'rotation'"),
+        ({"erase": {"p": -0.1}}, "aug.ops.erase.p must be in [0.0, 1.0], got -0.1"),
+        ({"invert": {"p": 1.5}}, "aug.ops.invert.p"),
+        ({"warp": {"degrees": -1}}, "aug.ops.warp.degrees"),
+        ({"warp": {"scale": [1.1, 0.9]}}, "min <= max"),
+        ({"warp": {"scale": [0.9]}}, "[min, max]"),
+        ({"warp": {"translate": "wide"}}, "aug.ops.warp.translate"),
+        ({"blur": {"sigma": [0.0, 1.0]}}, "aug.ops.blur.sigma"),
+        ({"noise": {"std": -0.01}}, "aug.ops.noise.std"),
+        ({"alias": {"factor": [0.5, 2.0]}}, "aug.ops.alias.factor"),
+        ({"jitter": {"contrast": True}}, "number"),
+        ({"warp": {"translate_whole_px": "yes"}}, "true or false"),
+        ({"erase": {"value": "noise"}}, "number in [0, 1] or random"),
+        ({"blurr": {"p": 0.5}}, "aug.ops.blurr is not an augmentation op; choose from ['alias', 'blur', 'erase',"),
+        ({"blur": 0.5}, "aug.ops.blur=0.5 must be a mapping of its settings"),
     ],
 )
 def test_impossible_values_raise_a_clear_error(overrides: dict, message: str) -> None:
-    cfg = OmegaConf.merge(OmegaConf.load(AUG_DIR / "camera.yaml"), overrides)
-    with pytest.raises(DigitnetError, match=message.replace("[", r"\[")):
+    cfg = OmegaConf.merge(OmegaConf.load(AUG_DIR / "camera.yaml"), {"ops": overrides})
+    with pytest.raises(DigitnetError) as err:
         build_augment(cfg)
+    assert message in str(err.value)
+
+
+def test_a_flat_setting_outside_ops_is_refused() -> None:
+    with pytest.raises(DigitnetError, match=r"aug.degrees: a preset lists its ops under aug.ops"):
+        build_augment({"name": "light", "degrees": 10})
 
 
 def test_non_float_batch_is_rejected() -> None:
     with pytest.raises(DigitnetError, match="float batch"):
-        BatchAugment(degrees=5)(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
+        ops(warp={"degrees": 5})(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
 
 
-def test_build_augment_accepts_a_plain_dict() -> None:
-    aug = build_augment({"name": "custom", "degrees": 5, "scale": (0.95, 1.05)})
-    assert aug.op_names == ["warp"]
-    x = digit_like(2)
-    assert not torch.equal(aug(x), x)
+def test_ops_run_in_the_order_the_preset_lists_them() -> None:
+    x = digit_like(8)
+    invert_then_erase = ops(invert={"p": 1.0}, erase={"p": 1.0})(x)
+    erase_then_invert = ops(erase={"p": 1.0}, invert={"p": 1.0})(x)
+    assert invert_then_erase.amin(dim=(1, 2, 3)).eq(0).all()  # the erased box stays black
+    assert erase_then_invert.amax(dim=(1, 2, 3)).eq(1).all()  # the erased box turned white
+    assert load_preset("camera").op_names == list(OmegaConf.load(AUG_DIR / "camera.yaml").ops)
+
+
+def test_a_null_op_is_left_out_and_every_op_is_usable() -> None:
+    cfg = OmegaConf.merge(OmegaConf.load(AUG_DIR / "strong.yaml"), {"ops": {"erase": None}})
+    assert build_augment(cfg).op_names == ["warp"]
+    x = digit_like(4)
+    for name in AUGMENTATIONS:  # each op's defaults make a working op
+        assert ops(**{name: {}})(x).shape == x.shape

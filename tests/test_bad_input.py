@@ -77,7 +77,9 @@ CASES = [
     (["optim=sgd", "optim.momentum=0"], None, "optim: Nesterov momentum requires a momentum and zero dampening"),
     (["+optim.foo=1"], None, "optim: AdamW.__init__() got an unexpected keyword argument 'foo'"),
     # sched
-    (["sched.pct_start=5"], None, "sched.pct_start=5 must be in (0, 1)"),
+    (["sched.pct_start=5"], None, "sched.pct_start=5 must be in (0, 1]"),
+    (["sched.name=step"], None, "sched.name='step' is not one of ['cosine', 'none', 'onecycle']"),
+    (["+sched.gamma=0.1"], None, "bad settings for sched=onecycle: onecycle() got an unexpected keyword argument 'gamma'"),
     (["sched.div_factor=0"], None, "sched.div_factor=0 must be > 0"),
     (["sched=cosine", "sched.warmup_frac=2"], None, "sched.warmup_frac=2 must be in [0, 1)"),
     # trainer
@@ -106,9 +108,12 @@ CASES = [
     (["seed=-1"], None, "seed=-1 must be in [0, 2**32)"),
     (["seed=1.5"], None, "seed=1.5 must be an integer"),
     (["test=maybe"], None, "test=maybe must be true or false"),
-    (["label_smoothing=1.5"], None, "label_smoothing=1.5 must be in [0, 1)"),
-    (["ema_decay=true"], None, "ema_decay=True must be a number"),
     (["optimized_metric=[]"], None, "optimized_metric=[] must be a metric name or a list of them"),
+    # module
+    (["module.label_smoothing=1.5"], None, "module.label_smoothing=1.5 must be in [0, 1)"),
+    (["module.ema_decay=true"], None, "module.ema_decay=True must be in (0, 1) or null"),
+    (["module.compile=maybe"], None, "module.compile=maybe must be true or false"),
+    (["+module.dropout=0.1"], None, "module.dropout is not a training option; the options are ['channels_last',"),
     # paths and URLs
     (["init_from={tmp}"], None, "not found; pass a .ckpt file"),
     (["callbacks.model_checkpoint.dirpath=/proc/digitnet/checkpoints"], None,

@@ -28,7 +28,7 @@ def _test_loss(module: DigitClassifier, state_dict: dict, images: torch.Tensor, 
 
 def test_ema_weights_are_checkpointed_and_tested(tiny_mnist, monkeypatch, tmp_path):
     monkeypatch.setenv("DIGITNET_DATA", str(tiny_mnist))
-    cfg = compose_config("model=mlp", "ema_decay=0.5", "data.val_size=50", "data.batch_size=16",
+    cfg = compose_config("model=mlp", "module.ema_decay=0.5", "data.val_size=50", "data.batch_size=16",
                          "trainer.max_epochs=2", "optim.lr=0.01", *QUIET, output_dir=tmp_path)
     train(cfg)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -70,8 +70,9 @@ def test_mixing_is_off_by_default_and_only_for_training_batches():
 
 
 def test_channels_last_and_compile_keep_the_checkpoint_format(tmp_path):
-    cfg = compose_config("model=cnn", "channels_last=true", "compile=true", output_dir=tmp_path)
+    cfg = compose_config("model=cnn", "module.channels_last=true", "module.compile=true", output_dir=tmp_path)
     module = build_module(cfg)
+    module.setup("fit")  # as Lightning does when fitting starts
     conv = module.net[1][0]
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     plain = build_module(compose_config("model=cnn", output_dir=tmp_path))
@@ -82,7 +83,7 @@ def test_channels_last_and_compile_keep_the_checkpoint_format(tmp_path):
         assert torch.allclose(module.eval()(x), plain.eval()(x), atol=1e-5)
 
 
-@pytest.mark.parametrize("override", ["ema_decay=1.0", "mixup_alpha=-0.1", "cutmix_alpha=-1"])
+@pytest.mark.parametrize("override", ["module.ema_decay=1.0", "module.mixup_alpha=-0.1", "module.cutmix_alpha=-1"])
 def test_bad_option_values_are_refused(tmp_path, override):
     cfg = compose_config(override, output_dir=tmp_path)
     with pytest.raises(DigitnetError, match=override.split("=")[0]):
@@ -93,7 +94,7 @@ def test_bf16_autocast_run_checkpoints_and_exports_float32(tiny_mnist, monkeypat
     """The recipes train with trainer.precision=bf16-mixed; the weights and the ONNX model stay float32."""
     monkeypatch.setenv("DIGITNET_DATA", str(tiny_mnist))
     quiet = [o for o in QUIET if not o.startswith("callbacks.onnx_export")]
-    cfg = compose_config("model=convpool", "trainer.precision=bf16-mixed", "channels_last=true", "data.val_size=50",
+    cfg = compose_config("model=convpool", "trainer.precision=bf16-mixed", "module.channels_last=true", "data.val_size=50",
                          "trainer.max_epochs=1", *quiet, output_dir=tmp_path)
     train(cfg)
     metrics = json.loads((tmp_path / "metrics.json").read_text())

@@ -88,6 +88,7 @@ def load_checkpoint_from(source: Path | bytes, path: str) -> L.LightningModule:
             f"{path} is not a digitnet checkpoint (no digitnet hyperparameters); "
             "export a checkpoint written by `python train.py` (outputs/.../checkpoints/*.ckpt)"
         )
+    checkpoint["hyper_parameters"] = upgrade_hparams(hparams)
     # torch.compile wraps modules as `_orig_mod`; the plain module has the same weights without it
     checkpoint["state_dict"] = {k.replace("_orig_mod.", ""): v for k, v in checkpoint["state_dict"].items()}
     buffer = io.BytesIO()
@@ -100,6 +101,40 @@ def load_checkpoint_from(source: Path | bytes, path: str) -> L.LightningModule:
         raise DigitnetError(
             f"{path} does not fit its own model config {dict(hparams['model'])}: {first_line}"
         ) from None
+
+
+# the flat `aug` keys of earlier versions -> (op, its keyword), in the order those ops ran
+_FLAT_AUG_KEYS = {
+    "hflip_p": ("hflip", "p"),
+    **{key: ("warp", key) for key in ("degrees", "translate", "translate_whole_px", "scale", "elastic_alpha",
+                                      "elastic_sigma")},
+    "erase_p": ("erase", "p"), "erase_scale": ("erase", "scale"), "erase_ratio": ("erase", "ratio"),
+    "erase_value": ("erase", "value"),
+    "alias_p": ("alias", "p"), "alias_factor": ("alias", "factor"),
+    "blur_p": ("blur", "p"), "blur_sigma": ("blur", "sigma"),
+    "invert_p": ("invert", "p"),
+    "contrast": ("jitter", "contrast"), "brightness": ("jitter", "brightness"),
+    "noise_std": ("noise", "std"),
+}
+
+
+def _aug_ops(flat: dict) -> dict:
+    """An `aug` preset of the flat kind (every setting a top-level key) as a list of ops."""
+    ops: dict[str, dict] = {}
+    for key, (op, arg) in _FLAT_AUG_KEYS.items():
+        if key in flat:
+            ops.setdefault(op, {"p": 0.0} if op in ("hflip", "erase", "alias", "blur", "invert") else {})[arg] = flat[key]
+    return {"name": flat.get("name", "custom"), "ops": ops}
+
+
+def upgrade_hparams(hparams: dict) -> dict:
+    """The hyperparameters of a checkpoint from an earlier digitnet in today's config format."""
+    hparams = dict(hparams)
+    if isinstance(hparams.get("aug"), dict) and "ops" not in hparams["aug"]:
+        hparams["aug"] = _aug_ops(hparams["aug"])
+    if isinstance(hparams.get("optim"), dict) and "_target_" in hparams["optim"]:
+        hparams["optim"] = {"_partial_": True, **hparams["optim"]}  # the optimizer class was called by hand
+    return hparams
 
 
 def load_checkpoint_of(path: str | Path, model_name: str, key: str) -> L.LightningModule:

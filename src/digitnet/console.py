@@ -26,6 +26,7 @@ LIGHTNING_NOISE = re.compile(
     r"`Trainer\((limit_\w+|val_check_interval)=1\.0\)` was configured so"
     r"|Trainer already configured with model summary callbacks"
     r"|Tip: For seamless cloud logging"
+    r"|The following callbacks returned in `LightningModule.configure_callbacks` will override"
 )
 # A torch deprecation inside Lightning's own code, which a user cannot act on.
 WARNING_NOISE = [r"`isinstance\(treespec, LeafSpec\)` is deprecated"]

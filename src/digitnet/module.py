@@ -15,7 +15,8 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from digitnet import trackers
 from digitnet.data.augment import build_augment
-from digitnet.errors import DigitnetError
+from digitnet.ema import EMA
+from digitnet.errors import DigitnetError, check_number
 from digitnet.mix import build_mix
 from digitnet.models import PerImageStandardize, build_backbone
 from digitnet.optim import build_optimizer, build_scheduler
@@ -39,9 +40,22 @@ class DigitClassifier(L.LightningModule):
         label_smoothing: float = 0.0,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
+        ema_decay: float | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
     ):
+        """`model`, `optim`, `sched` and `aug` are those config groups; the keywords from `label_smoothing` on are
+        the training options of `conf/module/` (each off by default, so older checkpoints load unchanged)."""
         super().__init__()
         self.save_hyperparameters()
+        check_number("module.label_smoothing", label_smoothing, lambda v: 0 <= v < 1, "in [0, 1)")
+        for key, alpha in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
+            check_number(f"module.{key}", alpha, lambda v: v >= 0, ">= 0 (0 switches it off)")
+        if ema_decay is not None:
+            check_number("module.ema_decay", ema_decay, lambda v: 0 < v < 1, "in (0, 1) or null")
+        for key, switch in (("channels_last", channels_last), ("compile", compile)):
+            if not isinstance(switch, bool):
+                raise DigitnetError(f"module.{key}={switch} must be true or false")
         backbone_cfg = dict(model)
         self.net = nn.Sequential(
             PerImageStandardize(), build_backbone(num_classes=len(class_names), **backbone_cfg)
@@ -64,6 +78,17 @@ class DigitClassifier(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def setup(self, stage: str) -> None:
+        """Only for fitting: a checkpoint loaded for export or evaluation keeps the plain layout and forward."""
+        if stage == "fit" and self.hparams.channels_last:  # NHWC kernels; [B,1,28,28] inputs are NHWC already
+            self.to(memory_format=torch.channels_last)
+        if stage == "fit" and self.hparams.compile:  # in place: state_dict keys (checkpoints) stay the plain net's
+            self.net.compile()
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """module.ema_decay: validation, test, checkpoints and model.onnx use the EMA of the weights."""
+        return [] if self.hparams.ema_decay is None else [EMA(self.hparams.ema_decay)]
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """uint8 [B,28,28] -> float [B,1,28,28] in [0,1] on the device; augment training batches there."""

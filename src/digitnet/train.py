@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -12,7 +13,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
@@ -24,7 +24,6 @@ from digitnet.atomic import write_atomically
 from digitnet.checkpoint import AtomicCheckpointIO, checkpoint_file, checkpoint_spec, load_checkpoint_of
 from digitnet.config import instantiate_checked, validate
 from digitnet.console import config_log, config_tree, result_line
-from digitnet.ema import EMA
 from digitnet.errors import DigitnetError
 from digitnet.module import DigitClassifier
 from digitnet.registry import record_run
@@ -40,22 +39,16 @@ def _instantiate_all(cfg: DictConfig, key: str) -> list:
 
 
 def build_module(cfg: DictConfig) -> DigitClassifier:
-    module = DigitClassifier(
-        model=OmegaConf.to_container(cfg.model, resolve=True),
-        optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        sched=OmegaConf.to_container(cfg.sched, resolve=True),
-        aug=OmegaConf.to_container(cfg.aug, resolve=True),
-        class_names=list(cfg.data.class_names),
-        data_name=cfg.data.name,
-        label_smoothing=cfg.label_smoothing,
-        mixup_alpha=cfg.mixup_alpha,
-        cutmix_alpha=cfg.cutmix_alpha,
-    )
-    if cfg.channels_last:  # NHWC kernels; [B,1,28,28] inputs are already NHWC-contiguous
-        module.to(memory_format=torch.channels_last)
-    if cfg.compile:  # compiles forward in place: state_dict keys (checkpoints) stay those of the plain net
-        module.net.compile()
-    return module
+    """The LightningModule from the model, optim, sched and aug groups, the data's classes and every
+    key of the `module` group (its training options, keywords of DigitClassifier)."""
+    inputs = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("model", "optim", "sched", "aug")}
+    inputs |= {"class_names": list(cfg.data.class_names), "data_name": cfg.data.name}
+    options = OmegaConf.to_container(cfg.module, resolve=True)
+    known = sorted(set(inspect.signature(DigitClassifier).parameters) - set(inputs))
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise DigitnetError(f"module.{unknown[0]} is not a training option; the options are {known}")
+    return DigitClassifier(**inputs, **options)
 
 
 def init_weights(module: DigitClassifier, path: str) -> None:
@@ -180,8 +173,6 @@ def train(cfg: DictConfig) -> float | list[float]:
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     if not loggers:  # nothing for the LR monitor to write to (Lightning refuses it then)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    if cfg.ema_decay is not None:
-        callbacks.append(EMA(cfg.ema_decay))
     trainer: L.Trainer = instantiate_checked(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False,
                                               default_root_dir=run_dir, plugins=[AtomicCheckpointIO()])
     with _sweep_trial_processes(trainer), trackers.finished_on_failure(loggers):

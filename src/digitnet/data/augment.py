@@ -5,24 +5,22 @@ matrix products): no per-sample Python loop and no PIL, so a GPU never waits on 
 Randomness comes from torch's RNG on ``x.device`` (seeded by Lightning's ``seed_everything``)
 or from an explicit ``generator`` living on that device.
 
-Presets live in ``conf/aug/<name>.yaml``; every key except ``name`` is a keyword of
-:class:`BatchAugment`, and :func:`build_augment` turns such a config into a module.
+Each op is a small module registered by name (``@register_op``, like the backbones). A preset,
+``conf/aug/<name>.yaml``, lists ops under ``ops`` (op name -> its keywords) in the order they
+run; :func:`build_augment` turns it into an :class:`Augment`, a torchvision-v2-style sequence.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
-from functools import partial
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from digitnet.errors import DigitnetError
-
-Op = Callable[[Tensor, "torch.Generator | None"], Tensor]
 
 # Edges of the high-resolution image in the aliasing simulation are pushed towards crisp ink
 # strokes with this sigmoid gain before the non-antialiased downsample (see _resize_aliasing).
@@ -119,123 +117,6 @@ def _elastic_displacement(
     return field.permute(0, 2, 3, 1) * to_grid_units
 
 
-def _warp(
-    x: Tensor,
-    gen: torch.Generator | None,
-    *,
-    degrees: float,
-    translate: tuple[float, float],
-    translate_whole_px: bool,
-    scale: tuple[float, float],
-    elastic_alpha: float,
-    elastic_sigma: float,
-) -> Tensor:
-    """Random affine and/or elastic warp in a single ``grid_sample`` (zero fill, bilinear)."""
-    theta = _random_affine_theta(x, degrees, translate, scale, gen, translate_whole_px)
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-    if elastic_alpha > 0:
-        grid = grid + _elastic_displacement(x, elastic_alpha, elastic_sigma, gen).to(x.dtype)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
-# --------------------------------------------------------------------------- occlusion
-
-
-def _random_erase(
-    x: Tensor,
-    gen: torch.Generator | None,
-    *,
-    p: float,
-    scale: tuple[float, float],
-    ratio: tuple[float, float],
-    value: float | str,
-) -> Tensor:
-    """torchvision-RandomErasing-like: with probability ``p`` fill one rectangle with ``value``.
-
-    Area is U(scale) of the image, log aspect ratio U(log ratio); instead of torchvision's
-    rejection loop, sides that do not fit are clipped to the image. ``value="random"`` fills
-    each erased pixel with U(0, 1) noise, as Zhong et al. do.
-    """
-    b, _, h, w = x.shape
-    area = _uniform(b, scale[0], scale[1], x, gen) * h * w
-    aspect = torch.exp(_uniform(b, math.log(ratio[0]), math.log(ratio[1]), x, gen))
-    eh = torch.sqrt(area * aspect).round().clamp(1, h)
-    ew = torch.sqrt(area / aspect).round().clamp(1, w)
-    top = (_uniform(b, 0.0, 1.0, x, gen) * (h - eh + 1)).floor()
-    left = (_uniform(b, 0.0, 1.0, x, gen) * (w - ew + 1)).floor()
-    rows = torch.arange(h, device=x.device)[None, :]
-    cols = torch.arange(w, device=x.device)[None, :]
-    in_rows = (rows >= top[:, None]) & (rows < (top + eh)[:, None])  # [B, H]
-    in_cols = (cols >= left[:, None]) & (cols < (left + ew)[:, None])  # [B, W]
-    mask = in_rows[:, :, None] & in_cols[:, None, :] & _bernoulli(b, p, x, gen)[:, None, None]
-    if value == "random":
-        noise = torch.rand(x.shape, device=x.device, generator=gen, dtype=x.dtype)
-        return torch.where(mask[:, None], noise, x)
-    return x.masked_fill(mask[:, None], value)
-
-
-# --------------------------------------------------------------------------- camera / photometric
-
-
-def _resize_aliasing(
-    x: Tensor, gen: torch.Generator | None, *, p: float, factor: tuple[float, float]
-) -> Tensor:
-    """Simulate the webcam client's bilinear resize *without* antialiasing.
-
-    The client shrinks a crisp, high-resolution crop straight to 28x28, which point-samples
-    the strokes: jagged edges, uneven stroke width. We upsample to a larger size, harden the
-    edges like ink, and shrink back with ``antialias=False``. One factor per batch, since a
-    resize has one output size (reading it back is this op's only device sync); each
-    sample gets the result with probability ``p``.
-    """
-    b, _, h, w = x.shape
-    f = float(_uniform(1, factor[0], factor[1], x, gen))
-    big = F.interpolate(x, size=(round(h * f), round(w * f)), mode="bilinear", align_corners=False)
-    big = torch.sigmoid(_INK_EDGE_GAIN * (big - 0.5))
-    small = F.interpolate(big, size=(h, w), mode="bilinear", align_corners=False, antialias=False)
-    chosen = _bernoulli(b, p, x, gen)[:, None, None, None]
-    return torch.where(chosen, small, x)
-
-
-def _random_blur(
-    x: Tensor, gen: torch.Generator | None, *, p: float, sigma: tuple[float, float]
-) -> Tensor:
-    """With probability ``p`` per sample, Gaussian blur with sigma ~ U(sigma) pixels (defocus)."""
-    b = x.shape[0]
-    blurred = gaussian_blur(x, _uniform(b, sigma[0], sigma[1], x, gen))
-    return torch.where(_bernoulli(b, p, x, gen)[:, None, None, None], blurred, x)
-
-
-def _random_hflip(x: Tensor, gen: torch.Generator | None, *, p: float) -> Tensor:
-    """With probability ``p`` per sample, mirror left-right (clothes yes, digits no)."""
-    return torch.where(_bernoulli(x.shape[0], p, x, gen)[:, None, None, None], x.flip(-1), x)
-
-
-def _random_invert(x: Tensor, gen: torch.Generator | None, *, p: float) -> Tensor:
-    """With probability ``p`` per sample, swap polarity (light-on-dark <-> ink on paper)."""
-    return torch.where(_bernoulli(x.shape[0], p, x, gen)[:, None, None, None], 1.0 - x, x)
-
-
-def _contrast_brightness(
-    x: Tensor, gen: torch.Generator | None, *, contrast: float, brightness: float
-) -> Tensor:
-    """torchvision-ColorJitter-like factors: contrast blends with the per-image mean by
-    U(1-contrast, 1+contrast); brightness multiplies by U(1-brightness, 1+brightness)."""
-    b = x.shape[0]
-    c = _uniform(b, 1 - contrast, 1 + contrast, x, gen).to(x.dtype)[:, None, None, None]
-    k = _uniform(b, 1 - brightness, 1 + brightness, x, gen).to(x.dtype)[:, None, None, None]
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return (mean + (x - mean) * c) * k
-
-
-def _sensor_noise(x: Tensor, gen: torch.Generator | None, *, std: float) -> Tensor:
-    """Additive Gaussian noise; each sample's standard deviation is U(0, std)."""
-    b = x.shape[0]
-    sample_std = _uniform(b, 0.0, std, x, gen).to(x.dtype)[:, None, None, None]
-    noise = torch.randn(x.shape, device=x.device, generator=gen, dtype=x.dtype)
-    return x + noise * sample_std
-
-
 # --------------------------------------------------------------------------- validation
 
 
@@ -246,21 +127,21 @@ def _is_pair(value: object) -> bool:
 
 def _number(name: str, value: object, low: float, high: float = math.inf) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise DigitnetError(f"aug.{name} must be a number, got {value!r}")
+        raise DigitnetError(f"aug.ops.{name} must be a number, got {value!r}")
     if not low <= value <= high:
         bounds = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
-        raise DigitnetError(f"aug.{name} must be {bounds}, got {value}")
+        raise DigitnetError(f"aug.ops.{name} must be {bounds}, got {value}")
     return float(value)
 
 
 def _range(name: str, value: object, low: float, high: float = math.inf) -> tuple[float, float]:
     """A ``[min, max]`` pair (list, tuple or omegaconf ListConfig) with low <= min <= max <= high."""
     if not _is_pair(value):
-        raise DigitnetError(f"aug.{name} must be a [min, max] pair, got {value!r}")
+        raise DigitnetError(f"aug.ops.{name} must be a [min, max] pair, got {value!r}")
     lo = _number(f"{name}[0]", value[0], low, high)
     hi = _number(f"{name}[1]", value[1], low, high)
     if lo > hi:
-        raise DigitnetError(f"aug.{name} must be [min, max] with min <= max, got [{lo}, {hi}]")
+        raise DigitnetError(f"aug.ops.{name} must be [min, max] with min <= max, got [{lo}, {hi}]")
     return lo, hi
 
 
@@ -270,128 +151,238 @@ def _pair(name: str, value: object, low: float, high: float) -> tuple[float, flo
         v = _number(name, value, low, high)
         return v, v
     if not _is_pair(value):
-        raise DigitnetError(f"aug.{name} must be a number or an [x, y] pair, got {value!r}")
+        raise DigitnetError(f"aug.ops.{name} must be a number or an [x, y] pair, got {value!r}")
     return _number(f"{name}[0]", value[0], low, high), _number(f"{name}[1]", value[1], low, high)
 
 
-# --------------------------------------------------------------------------- the module
+# --------------------------------------------------------------------------- the ops
+
+# name -> op class; a preset's `ops` keys are these names
+AUGMENTATIONS: dict[str, type[BatchOp]] = {}
 
 
-class BatchAugment(nn.Module):
-    """Random augmentation of a float batch ``[B, C, H, W]`` in ``[0, 1]`` -> same shape, dtype,
-    device, clamped to ``[0, 1]``. Every op is off by default (0 or None), so ``BatchAugment()``
-    is the identity. Ops run in camera-pipeline order: horizontal flip, warp (affine + elastic), random erasing,
-    resize aliasing, blur, polarity inversion, contrast/brightness, sensor noise.
+def register_op(name: str):
+    """Class decorator that makes an op usable in presets as `ops: {<name>: {its keywords}}`."""
+
+    def add(cls: type[BatchOp]) -> type[BatchOp]:
+        AUGMENTATIONS[name] = cls
+        return cls
+
+    return add
+
+
+class BatchOp(nn.Module):
+    """One random op on a float batch ``[B, C, H, W]``, each sample drawn on its own, all at once on
+    ``x.device``. Randomness comes from ``generator`` (on that device) if set, else torch's RNG."""
+
+    generator: torch.Generator | None = None
+
+
+@register_op("hflip")
+class RandomHFlip(BatchOp):
+    """With probability ``p`` per sample, mirror left-right (clothes yes, digits no)."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        self.p = _number("hflip.p", p, 0.0, 1.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.where(_bernoulli(x.shape[0], self.p, x, self.generator)[:, None, None, None], x.flip(-1), x)
+
+
+@register_op("warp")
+class RandomWarp(BatchOp):
+    """Random affine and/or elastic warp in a single ``grid_sample`` (zero fill, bilinear).
 
     Geometry has torchvision ``RandomAffine`` semantics: rotation U(-degrees, degrees),
     shift U(-translate*size, translate*size) pixels per axis, zoom U(scale) (> 1 enlarges).
     ``translate_whole_px`` rounds each shift to whole pixels: without rotation, zoom and elastic
     warp the image then moves exactly (like a padded random crop), with no bilinear blur.
+    ``elastic_alpha`` > 0 adds a smooth random displacement (see ``_elastic_displacement``).
     """
 
-    def __init__(
-        self,
-        hflip_p: float = 0.0,
-        degrees: float = 0.0,
-        translate: float | Sequence[float] = 0.0,
-        translate_whole_px: bool = False,
-        scale: Sequence[float] | None = None,
-        elastic_alpha: float = 0.0,
-        elastic_sigma: float = 4.0,
-        erase_p: float = 0.0,
-        erase_scale: Sequence[float] = (0.02, 0.33),
-        erase_ratio: Sequence[float] = (0.3, 3.3),
-        erase_value: float | str = 0.0,
-        alias_p: float = 0.0,
-        alias_factor: Sequence[float] = (2.0, 4.0),
-        blur_p: float = 0.0,
-        blur_sigma: Sequence[float] = (0.1, 2.0),
-        invert_p: float = 0.0,
-        contrast: float = 0.0,
-        brightness: float = 0.0,
-        noise_std: float = 0.0,
-        generator: torch.Generator | None = None,
-    ) -> None:
+    def __init__(self, degrees: float = 0.0, translate: float | Sequence[float] = 0.0,
+                 translate_whole_px: bool = False, scale: Sequence[float] | None = None,
+                 elastic_alpha: float = 0.0, elastic_sigma: float = 4.0) -> None:
         super().__init__()
-        self.generator = generator
-        hflip_p = _number("hflip_p", hflip_p, 0.0, 1.0)
-        degrees = _number("degrees", degrees, 0.0, 180.0)
-        translate = _pair("translate", translate, 0.0, 1.0)
+        self.degrees = _number("warp.degrees", degrees, 0.0, 180.0)
+        self.translate = _pair("warp.translate", translate, 0.0, 1.0)
         if not isinstance(translate_whole_px, bool):
-            raise DigitnetError(f"aug.translate_whole_px={translate_whole_px!r} must be true or false")
-        scale = (1.0, 1.0) if scale is None else _range("scale", scale, 1e-3)
-        elastic_alpha = _number("elastic_alpha", elastic_alpha, 0.0)
-        elastic_sigma = _number("elastic_sigma", elastic_sigma, 0.1, 9.0)
-        erase_p = _number("erase_p", erase_p, 0.0, 1.0)
-        erase_scale = _range("erase_scale", erase_scale, 1e-6, 1.0)
-        erase_ratio = _range("erase_ratio", erase_ratio, 1e-3)
-        if isinstance(erase_value, str) and erase_value != "random":
-            raise DigitnetError(f"aug.erase_value must be a number in [0, 1] or random, got {erase_value!r}")
-        if erase_value != "random":
-            erase_value = _number("erase_value", erase_value, 0.0, 1.0)
-        alias_p = _number("alias_p", alias_p, 0.0, 1.0)
-        alias_factor = _range("alias_factor", alias_factor, 1.0, 16.0)
-        blur_p = _number("blur_p", blur_p, 0.0, 1.0)
-        blur_sigma = _range("blur_sigma", blur_sigma, 0.01, 9.0)
-        invert_p = _number("invert_p", invert_p, 0.0, 1.0)
-        contrast = _number("contrast", contrast, 0.0, 1.0)
-        brightness = _number("brightness", brightness, 0.0, 1.0)
-        noise_std = _number("noise_std", noise_std, 0.0, 1.0)
+            raise DigitnetError(f"aug.ops.warp.translate_whole_px={translate_whole_px!r} must be true or false")
+        self.translate_whole_px = translate_whole_px
+        self.scale = (1.0, 1.0) if scale is None else _range("warp.scale", scale, 1e-3)
+        self.elastic_alpha = _number("warp.elastic_alpha", elastic_alpha, 0.0)
+        self.elastic_sigma = _number("warp.elastic_sigma", elastic_sigma, 0.1, 9.0)
 
-        ops: list[tuple[str, Op]] = []
-        if hflip_p > 0:
-            ops.append(("hflip", partial(_random_hflip, p=hflip_p)))
-        if degrees > 0 or translate != (0.0, 0.0) or scale != (1.0, 1.0) or elastic_alpha > 0:
-            ops.append(("warp", partial(
-                _warp, degrees=degrees, translate=translate, translate_whole_px=translate_whole_px, scale=scale,
-                elastic_alpha=elastic_alpha, elastic_sigma=elastic_sigma,
-            )))
-        if erase_p > 0:
-            ops.append(("erase", partial(
-                _random_erase, p=erase_p, scale=erase_scale, ratio=erase_ratio, value=erase_value
-            )))
-        if alias_p > 0:
-            ops.append(("alias", partial(_resize_aliasing, p=alias_p, factor=alias_factor)))
-        if blur_p > 0:
-            ops.append(("blur", partial(_random_blur, p=blur_p, sigma=blur_sigma)))
-        if invert_p > 0:
-            ops.append(("invert", partial(_random_invert, p=invert_p)))
-        if contrast > 0 or brightness > 0:
-            ops.append(("contrast_brightness", partial(
-                _contrast_brightness, contrast=contrast, brightness=brightness
-            )))
-        if noise_std > 0:
-            ops.append(("noise", partial(_sensor_noise, std=noise_std)))
-        self._ops = ops
+    def forward(self, x: Tensor) -> Tensor:
+        gen = self.generator
+        theta = _random_affine_theta(x, self.degrees, self.translate, self.scale, gen, self.translate_whole_px)
+        grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+        if self.elastic_alpha > 0:
+            grid = grid + _elastic_displacement(x, self.elastic_alpha, self.elastic_sigma, gen).to(x.dtype)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+@register_op("erase")
+class RandomErase(BatchOp):
+    """torchvision-RandomErasing-like: with probability ``p`` fill one rectangle with ``value``.
+
+    Area is U(scale) of the image, log aspect ratio U(log ratio); instead of torchvision's
+    rejection loop, sides that do not fit are clipped to the image. ``value="random"`` fills
+    each erased pixel with U(0, 1) noise, as Zhong et al. do.
+    """
+
+    def __init__(self, p: float = 0.5, scale: Sequence[float] = (0.02, 0.33), ratio: Sequence[float] = (0.3, 3.3),
+                 value: float | str = 0.0) -> None:
+        super().__init__()
+        self.p = _number("erase.p", p, 0.0, 1.0)
+        self.scale = _range("erase.scale", scale, 1e-6, 1.0)
+        self.ratio = _range("erase.ratio", ratio, 1e-3)
+        if isinstance(value, str) and value != "random":
+            raise DigitnetError(f"aug.ops.erase.value must be a number in [0, 1] or random, got {value!r}")
+        self.value = value if value == "random" else _number("erase.value", value, 0.0, 1.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gen, (b, _, h, w) = self.generator, x.shape
+        area = _uniform(b, self.scale[0], self.scale[1], x, gen) * h * w
+        aspect = torch.exp(_uniform(b, math.log(self.ratio[0]), math.log(self.ratio[1]), x, gen))
+        eh = torch.sqrt(area * aspect).round().clamp(1, h)
+        ew = torch.sqrt(area / aspect).round().clamp(1, w)
+        top = (_uniform(b, 0.0, 1.0, x, gen) * (h - eh + 1)).floor()
+        left = (_uniform(b, 0.0, 1.0, x, gen) * (w - ew + 1)).floor()
+        rows = torch.arange(h, device=x.device)[None, :]
+        cols = torch.arange(w, device=x.device)[None, :]
+        in_rows = (rows >= top[:, None]) & (rows < (top + eh)[:, None])  # [B, H]
+        in_cols = (cols >= left[:, None]) & (cols < (left + ew)[:, None])  # [B, W]
+        mask = in_rows[:, :, None] & in_cols[:, None, :] & _bernoulli(b, self.p, x, gen)[:, None, None]
+        if self.value == "random":
+            noise = torch.rand(x.shape, device=x.device, generator=gen, dtype=x.dtype)
+            return torch.where(mask[:, None], noise, x)
+        return x.masked_fill(mask[:, None], self.value)
+
+
+@register_op("alias")
+class ResizeAliasing(BatchOp):
+    """Simulate the webcam client's bilinear resize *without* antialiasing.
+
+    The client shrinks a crisp, high-resolution crop straight to 28x28, which point-samples
+    the strokes: jagged edges, uneven stroke width. We upsample by U(factor), harden the
+    edges like ink, and shrink back with ``antialias=False``. One factor per batch, since a
+    resize has one output size (reading it back is this op's only device sync); each
+    sample gets the result with probability ``p``.
+    """
+
+    def __init__(self, p: float = 0.5, factor: Sequence[float] = (2.0, 4.0)) -> None:
+        super().__init__()
+        self.p = _number("alias.p", p, 0.0, 1.0)
+        self.factor = _range("alias.factor", factor, 1.0, 16.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        f = float(_uniform(1, self.factor[0], self.factor[1], x, self.generator))
+        big = F.interpolate(x, size=(round(h * f), round(w * f)), mode="bilinear", align_corners=False)
+        big = torch.sigmoid(_INK_EDGE_GAIN * (big - 0.5))
+        small = F.interpolate(big, size=(h, w), mode="bilinear", align_corners=False, antialias=False)
+        chosen = _bernoulli(b, self.p, x, self.generator)[:, None, None, None]
+        return torch.where(chosen, small, x)
+
+
+@register_op("blur")
+class RandomBlur(BatchOp):
+    """With probability ``p`` per sample, Gaussian blur with sigma ~ U(sigma) pixels (defocus)."""
+
+    def __init__(self, p: float = 0.5, sigma: Sequence[float] = (0.1, 2.0)) -> None:
+        super().__init__()
+        self.p = _number("blur.p", p, 0.0, 1.0)
+        self.sigma = _range("blur.sigma", sigma, 0.01, 9.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = x.shape[0]
+        blurred = gaussian_blur(x, _uniform(b, self.sigma[0], self.sigma[1], x, self.generator))
+        return torch.where(_bernoulli(b, self.p, x, self.generator)[:, None, None, None], blurred, x)
+
+
+@register_op("invert")
+class RandomInvert(BatchOp):
+    """With probability ``p`` per sample, swap polarity (light-on-dark <-> ink on paper)."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        self.p = _number("invert.p", p, 0.0, 1.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.where(_bernoulli(x.shape[0], self.p, x, self.generator)[:, None, None, None], 1.0 - x, x)
+
+
+@register_op("jitter")
+class ContrastBrightness(BatchOp):
+    """torchvision-ColorJitter-like factors: contrast blends with the per-image mean by
+    U(1-contrast, 1+contrast); brightness multiplies by U(1-brightness, 1+brightness)."""
+
+    def __init__(self, contrast: float = 0.0, brightness: float = 0.0) -> None:
+        super().__init__()
+        self.contrast = _number("jitter.contrast", contrast, 0.0, 1.0)
+        self.brightness = _number("jitter.brightness", brightness, 0.0, 1.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, gen = x.shape[0], self.generator
+        c = _uniform(b, 1 - self.contrast, 1 + self.contrast, x, gen).to(x.dtype)[:, None, None, None]
+        k = _uniform(b, 1 - self.brightness, 1 + self.brightness, x, gen).to(x.dtype)[:, None, None, None]
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        return (mean + (x - mean) * c) * k
+
+
+@register_op("noise")
+class SensorNoise(BatchOp):
+    """Additive Gaussian noise; each sample's standard deviation is U(0, std)."""
+
+    def __init__(self, std: float = 0.05) -> None:
+        super().__init__()
+        self.std = _number("noise.std", std, 0.0, 1.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        sample_std = _uniform(x.shape[0], 0.0, self.std, x, self.generator).to(x.dtype)[:, None, None, None]
+        noise = torch.randn(x.shape, device=x.device, generator=self.generator, dtype=x.dtype)
+        return x + noise * sample_std
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+class Augment(nn.Sequential):
+    """A preset's ops in the order it lists them: a float batch ``[B, C, H, W]`` in ``[0, 1]`` -> same
+    shape, dtype and device, clamped to ``[0, 1]``. Without ops it returns the batch itself."""
 
     @property
     def op_names(self) -> list[str]:
-        """Names of the enabled ops, in the order they run."""
-        return [name for name, _ in self._ops]
-
-    def extra_repr(self) -> str:
-        return "ops=[" + ", ".join(self.op_names) + "]"
+        """Names of the ops, in the order they run."""
+        return list(self._modules)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self._ops:
+        if len(self) == 0:
             return x
         if x.dim() != 4 or not x.is_floating_point():
-            raise DigitnetError(
-                f"BatchAugment expects a float batch [B, C, H, W] in [0, 1], got {x.dtype} {tuple(x.shape)}"
-            )
-        for _, op in self._ops:
-            x = op(x, self.generator)
-        return x.clamp(0.0, 1.0)
+            raise DigitnetError(f"augmentation expects a float batch [B, C, H, W] in [0, 1], got {x.dtype} {tuple(x.shape)}")
+        return super().forward(x).clamp(0.0, 1.0)
 
 
-def build_augment(cfg: Mapping) -> BatchAugment:
-    """Build a :class:`BatchAugment` from an ``aug`` config (``name`` + constructor keywords)."""
-    kwargs = {str(k): v for k, v in dict(cfg).items() if k != "name"}
-    known = set(inspect.signature(BatchAugment.__init__).parameters) - {"self", "generator"}
-    unknown = sorted(set(kwargs) - known)
-    if unknown:
-        preset = cfg.get("name", "?")
-        raise DigitnetError(
-            f"unknown key(s) {unknown} in aug preset {preset!r}; valid keys: {sorted(known)}"
-        )
-    return BatchAugment(**kwargs)
+def build_augment(cfg: Mapping, generator: torch.Generator | None = None) -> Augment:
+    """An :class:`Augment` from an ``aug`` preset: ``name`` and ``ops`` (op name -> its keywords, in the
+    order they run; an op set to null is left out). ``generator``: the ops' source of randomness."""
+    misplaced = sorted(set(cfg) - {"name", "ops"})
+    if misplaced:
+        raise DigitnetError(f"aug.{misplaced[0]}: a preset lists its ops under aug.ops, e.g. aug.ops.warp.degrees=10")
+    ops = {}
+    for name, kwargs in (cfg.get("ops") or {}).items():
+        if kwargs is None:
+            continue
+        if name not in AUGMENTATIONS:
+            raise DigitnetError(f"aug.ops.{name} is not an augmentation op; choose from {sorted(AUGMENTATIONS)}")
+        if not isinstance(kwargs, Mapping):
+            raise DigitnetError(f"aug.ops.{name}={kwargs!r} must be a mapping of its settings, e.g. {{p: 0.5}}")
+        try:
+            ops[name] = AUGMENTATIONS[name](**{str(k): v for k, v in kwargs.items()})
+        except TypeError as err:  # an unknown keyword
+            raise DigitnetError(f"aug.ops.{name}: {err}") from None
+        ops[name].generator = generator
+    return Augment(OrderedDict(ops))

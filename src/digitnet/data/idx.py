@@ -23,8 +23,9 @@ _UBYTE = 0x08  # the only IDX element type these datasets use
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path:
-    """The dataset root: env DIGITNET_DATA wins over the configured value, which defaults to `data/`."""
-    return Path(os.environ.get("DIGITNET_DATA") or root or "data")
+    """The dataset root: `root` if given (configs default it to env DIGITNET_DATA), else env DIGITNET_DATA,
+    else `data/`."""
+    return Path(root or os.environ.get("DIGITNET_DATA") or "data")
 
 
 def read_idx(path: Path, ndim: int) -> torch.Tensor:
