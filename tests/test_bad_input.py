@@ -98,6 +98,7 @@ CASES = [
     # top-level keys
     (["seed=-1"], None, "seed=-1 must be in [0, 2**32)"),
     (["seed=1.5"], None, "seed=1.5 must be an integer"),
+    (["channels_last=yes"], None, "channels_last=yes must be true, false or auto"),
     (["test=maybe"], None, "test=maybe must be true or false"),
     (["label_smoothing=1.5"], None, "label_smoothing=1.5 must be in [0, 1)"),
     (["ema_decay=true"], None, "ema_decay=True must be a number"),

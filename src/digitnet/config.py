@@ -94,7 +94,8 @@ def validate(cfg: DictConfig) -> None:
     """Raise DigitnetError naming the key, its value and what would be valid."""
     seed = _number(cfg, "seed", integer=True)
     _require(0 <= seed < 2**32, f"seed={cfg.seed} must be in [0, 2**32)")
-    for key in ("test", "channels_last", "compile", "registry.enabled", "data.download",
+    _require(cfg.channels_last in (True, False, "auto"), f"channels_last={cfg.channels_last} must be true, false or auto")
+    for key in ("test", "compile", "registry.enabled", "data.download",
                 "trainer.enable_progress_bar", "trainer.enable_model_summary"):
         _switch(cfg, key)
     _validate_data(cfg)

@@ -21,6 +21,7 @@ from digitnet.config import instantiate_checked, validate
 from digitnet.console import config_log, config_tree, result_line
 from digitnet.ema import EMA
 from digitnet.errors import DigitnetError
+from digitnet.fastpath import settle
 from digitnet.module import DigitClassifier
 from digitnet.registry import record_run
 
@@ -75,11 +76,14 @@ def _scalars(trainer: L.Trainer) -> dict:
     return {k: v.item() for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
 
-def _final_metrics(trainer: L.Trainer, module: DigitClassifier, fit_metrics: dict, fit_seconds: float) -> dict:
+def _final_metrics(trainer: L.Trainer, module: DigitClassifier, fit_metrics: dict, fit_seconds: float,
+                   channels_last: bool) -> dict:
     metrics = {**fit_metrics, **_scalars(trainer)}
     metrics.update(
         epochs=trainer.current_epoch,
         train_seconds=round(fit_seconds, 3),
+        precision=trainer.precision,  # what trainer.precision=auto and channels_last=auto chose
+        channels_last=channels_last,
         params=sum(p.numel() for p in module.parameters()),
         best_checkpoint=trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None,
     )
@@ -120,6 +124,7 @@ def train(cfg: DictConfig) -> float | list[float]:
     """Train as `cfg` says; returns `cfg.optimized_metric` (a list of values for a list of metrics)."""
     use_registry_checkpoints(cfg)
     validate(cfg)
+    log.info(settle(cfg))
     if cfg.print_config:
         config_log.info("%s", config_tree(cfg))
     L.seed_everything(cfg.seed, workers=True)
@@ -152,7 +157,8 @@ def train(cfg: DictConfig) -> float | list[float]:
 
         # under DDP every process has the synced test metrics, but only rank 0 exported the ONNX model and its
         # clock ran from its own start: its metrics are the run's, and what every process returns
-        metrics = trainer.strategy.broadcast(_final_metrics(trainer, module, fit_metrics, fit_seconds))
+        metrics = trainer.strategy.broadcast(_final_metrics(trainer, module, fit_metrics, fit_seconds,
+                                                                  cfg.channels_last))
         if trainer.is_global_zero:
             logged = set(fit_metrics) | set(_scalars(trainer))  # already in the loggers, as curves
             _publish(cfg, trainer, loggers, metrics, logged, run_dir)
