@@ -12,7 +12,7 @@ from conftest import compose_config
 from digitnet.fastpath import Device, choose, cpu_device, settle, training_device
 from digitnet.train import train
 
-QUIET = ["logger=none", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false", "test=false",
+QUIET = ["logger=none", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false",
          "callbacks.model_summary=null", "callbacks.onnx_export=null", "registry.enabled=false", "print_config=false"]
 
 
@@ -63,7 +63,7 @@ def test_auto_is_decided_and_explicit_values_are_kept(tmp_path):
 def test_the_choice_is_logged_and_in_metrics_json(overrides, tiny_mnist, monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("DIGITNET_DATA", str(tiny_mnist))
     cfg = compose_config("data.val_size=50", "trainer.max_epochs=1", "trainer.limit_train_batches=2", *overrides,
-                         *QUIET, output_dir=tmp_path)
+                         "test=false", *QUIET, output_dir=tmp_path)
     expected = ("32-true", False) if overrides else choose(training_device("auto"), convolutional=True)
     with caplog.at_level(logging.INFO, logger="digitnet.train"):
         train(cfg)
@@ -71,3 +71,19 @@ def test_the_choice_is_logged_and_in_metrics_json(overrides, tiny_mnist, monkeyp
     assert (metrics["precision"], metrics["channels_last"]) == expected
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training precision=")]
     assert len(lines) == 1 and f"precision={expected[0]} channels_last={str(expected[1]).lower()}" in lines[0]
+
+
+def test_one_epoch_with_the_fast_defaults_matches_float32_accuracy(real_data, tmp_path):
+    """Same seed, one epoch of model=cnn: the defaults (bf16 autocast and NHWC on this CPU) against float32 NCHW."""
+    def test_acc(name: str, *overrides: str) -> dict:
+        cfg = compose_config("model=cnn", "trainer.max_epochs=1", "trainer.num_sanity_val_steps=0", "seed=3",
+                             *overrides, *QUIET, output_dir=tmp_path / name)
+        train(cfg)
+        return json.loads((tmp_path / name / "metrics.json").read_text())
+
+    fast = test_acc("defaults")
+    plain = test_acc("float32", "trainer.precision=32-true", "channels_last=false")
+    assert (plain["precision"], plain["channels_last"]) == ("32-true", False)
+    assert (fast["precision"], fast["channels_last"]) == choose(training_device("auto"), convolutional=True)
+    assert fast["test/images"] == plain["test/images"] == 10_000
+    assert abs(fast["test/acc"] - plain["test/acc"]) <= 0.0015, (fast["test/acc"], plain["test/acc"])
