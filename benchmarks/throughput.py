@@ -1,120 +1,147 @@
-"""Training throughput (samples/s): digitnet's pipeline vs a plain torchvision DataLoader pipeline.
+"""Training throughput (images/s): `python train.py model=cnn aug=light data.batch_size=64` vs the classic script.
 
-Same network, same optimizer, same augmentation ranges (RandomAffine(10, (0.1, 0.1), (0.9, 1.1))),
-same batch size. The baseline is what most MNIST scripts do: torchvision.datasets.MNIST with PIL
-transforms, collated by a DataLoader, in a plain PyTorch loop. Ours is the full Lightning run:
-uint8 tensors in memory, one gather per batch, batched augmentation after the device transfer.
+Ours is digitnet's own `train()` on the config that command composes, defaults included (the precision
+and memory layout chosen for the device, the loggers, callbacks and progress bar); only what comes after
+the training steps is left out (test, ONNX export, registry record). The classic is the plain-PyTorch
+MNIST script most tutorials show: torchvision's MNIST dataset with PIL RandomAffine(10, (0.1, 0.1),
+(0.9, 1.1)) + ToTensor + Normalize, a DataLoader with one worker, the same network (`model=cnn`) in
+float32, batch 64, Adadelta(lr=1.0), a plain loop. Both are timed from batch --warmup to the last of
+--batches, alternating, --repeats times; the medians and their ratio to the classic's are printed. Where
+a GPU is present both also run there.
 
-    python benchmarks/throughput.py --model cnn --aug light --batches 200 --repeats 3 [--channels-last]
-
-Prints samples/s per pipeline (median of the repeats, each run alternating) and the ratio.
+    python benchmarks/throughput.py --batches 200 --repeats 3 \\
+        --variant 'trainer.precision=32-true module.channels_last=false'
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 import torchvision
+from hydra import compose, initialize_config_dir
 from torchvision import transforms
 
-from digitnet.data.datamodule import DigitDataModule
 from digitnet.data.idx import data_root
-from digitnet.module import DigitClassifier
+from digitnet.models import build_backbone
+from digitnet.train import train
 
-OPTIM = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3, "weight_decay": 0.05}
-AUGS = {
-    "none": ({"name": "none", "ops": {}}, []),
-    "light": (
-        {"name": "light", "ops": {"warp": {"degrees": 10, "translate": [0.1, 0.1], "scale": [0.9, 1.1]}}},
-        [transforms.RandomAffine(10, translate=(0.1, 0.1), scale=(0.9, 1.1))],
-    ),
-}
+CONF = Path(__file__).resolve().parents[1] / "conf"
+COMMAND = ["model=cnn", "aug=light", "data.batch_size=64"]
+BATCH = 64
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 class Stopwatch(L.Callback):
-    """Wall time from the start of batch `warmup` to the end of the last batch."""
+    """Wall time from the start of training batch `warmup` to the end of the epoch's last one."""
+
+    last: Stopwatch | None = None  # the instance of the latest run (train() builds it from the config)
 
     def __init__(self, warmup: int):
-        self.warmup, self.start, self.end = warmup, 0.0, 0.0
+        self.warmup, self.seconds = warmup, 0.0
+        Stopwatch.last = self
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if batch_idx == self.warmup:
-            self.start = time.perf_counter()
+            _sync(trainer.strategy.root_device.type)
+            self.seconds = -time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self.end = time.perf_counter()
+        if batch_idx == trainer.num_training_batches - 1:
+            _sync(trainer.strategy.root_device.type)
+            self.seconds += time.perf_counter()
 
 
-def digitnet_pipeline(model: str, aug: str, batch_size: int, batches: int, warmup: int, channels_last: bool) -> float:
-    datamodule = DigitDataModule("mnist", batch_size=batch_size, download=False)
-    module = DigitClassifier(model={"name": model}, optim=OPTIM, sched={"name": "none"}, aug=AUGS[aug][0],
-                             channels_last=channels_last)  # as `python train.py module.channels_last=true`
-    watch = Stopwatch(warmup)
-    trainer = L.Trainer(
-        accelerator="auto", devices=1, max_epochs=1, limit_train_batches=batches, limit_val_batches=0,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[watch],
-    )
-    trainer.fit(module, datamodule)
-    return (batches - warmup) * batch_size / (watch.end - watch.start)
+def run_ours(overrides: list[str], device: str, batches: int, warmup: int) -> tuple[float, dict]:
+    """Images/s of the composed command's training steps, and the run's metrics.json."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+            cfg = compose("train", overrides=[
+                *COMMAND, *overrides, f"trainer.accelerator={'gpu' if device == 'cuda' else device}",
+                "trainer.devices=1", "trainer.max_epochs=1", f"trainer.limit_train_batches={batches}",
+                "trainer.limit_val_batches=1", "test=false", "callbacks.onnx_export=null", "registry.enabled=false",
+                "print_config=false", f"+callbacks.stopwatch._target_={__name__}.Stopwatch",
+                f"+callbacks.stopwatch.warmup={warmup}", f"paths.output_dir={run_dir}",
+            ])
+        train(cfg)
+        metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+    return (batches - warmup) * BATCH / Stopwatch.last.seconds, metrics
 
 
-def torchvision_pipeline(model: str, aug: str, batch_size: int, batches: int, warmup: int, workers: int) -> float:
-    transform = transforms.Compose([*AUGS[aug][1], transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+def run_classic(device: str, batches: int, warmup: int) -> float:
+    """Images/s of the classic script's training steps."""
+    transform = transforms.Compose([
+        transforms.RandomAffine(10, translate=(0.1, 0.1), scale=(0.9, 1.1)),
+        transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,)),
+    ])
     dataset = torchvision.datasets.MNIST(str(data_root()), train=True, transform=transform, download=False)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers)
-    net = DigitClassifier(model={"name": model}).net  # the same network, standardising layer included
-    optimizer = torch.optim.AdamW(net.parameters(), **{k: v for k, v in OPTIM.items() if not k.startswith("_")})
+    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=1)
+    net = build_backbone("cnn").to(device)
+    optimizer = torch.optim.Adadelta(net.parameters(), lr=1.0)
     net.train()
-    start = 0.0
+    seconds = 0.0
     for i, (x, y) in enumerate(loader):
         if i == warmup:
-            start = time.perf_counter()
+            _sync(device)
+            seconds = -time.perf_counter()
         if i == batches:
             break
-        loss = torch.nn.functional.cross_entropy(net(x), y)
+        x, y = x.to(device), y.to(device)
         optimizer.zero_grad()
-        loss.backward()
+        F.cross_entropy(net(x), y).backward()
         optimizer.step()
-    return (batches - warmup) * batch_size / (time.perf_counter() - start)
+    _sync(device)
+    return (batches - warmup) * BATCH / (seconds + time.perf_counter())
+
+
+def measure(device: str, args) -> None:
+    runs = {"classic script (1 worker)": lambda: run_classic(device, args.batches, args.warmup)}
+    chosen: dict[str, str] = {}
+    for variant in ["", *args.variant]:
+        name = " ".join(["python train.py", *COMMAND, variant]).strip()
+
+        def ours(variant=variant, name=name) -> float:
+            images_per_s, metrics = run_ours(variant.split(), device, args.batches, args.warmup)
+            chosen[name] = f"precision={metrics['precision']} channels_last={str(metrics['channels_last']).lower()}"
+            return images_per_s
+
+        runs[name] = ours
+    results: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.repeats):  # alternating, so a slow spell of the machine hits every pipeline alike
+        for name, run in runs.items():
+            results[name].append(run())
+
+    print(f"\n{device} ({torch.get_num_threads()} threads): batch {BATCH}, batches {args.warmup}-{args.batches} "
+          f"timed, medians of {args.repeats}")
+    classic = statistics.median(results["classic script (1 worker)"])
+    for name, values in results.items():
+        median = statistics.median(values)
+        runs_text = ", ".join(f"{v:.0f}" for v in values)
+        print(f"  {median:7.0f} images/s  {median / classic:5.2f}x  {name}  [{chosen.get(name, 'float32')}] "
+              f"(runs: {runs_text})")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="cnn")
-    parser.add_argument("--aug", default="light", choices=sorted(AUGS))
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--batches", type=int, default=200)
-    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--batches", type=int, default=200, help="training batches per run")
+    parser.add_argument("--warmup", type=int, default=20, help="batches before the clock starts")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="baseline DataLoader workers to try")
-    parser.add_argument("--channels-last", action="store_true", help="ours in NHWC layout (config module.channels_last=true)")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="also run ours with these space-separated overrides (repeatable)")
     args = parser.parse_args()
-    L.seed_everything(0, verbose=False)
-
-    runs = {"digitnet": lambda: digitnet_pipeline(
-        args.model, args.aug, args.batch_size, args.batches, args.warmup, args.channels_last
-    )}
-    for w in args.workers:
-        runs[f"torchvision (workers={w})"] = lambda w=w: torchvision_pipeline(
-            args.model, args.aug, args.batch_size, args.batches, args.warmup, w
-        )
-    results: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.repeats):  # alternate so machine noise hits every pipeline alike
-        for name, run in runs.items():
-            results[name].append(run())
-
-    medians = {name: statistics.median(v) for name, v in results.items()}
-    best_baseline = max(v for name, v in medians.items() if name != "digitnet")
-    print(f"model={args.model} aug={args.aug} batch={args.batch_size} batches={args.batches} "
-          f"repeats={args.repeats} threads={torch.get_num_threads()} channels_last={args.channels_last}")
-    for name, value in medians.items():
-        print(f"{name:28s} {value:9.0f} samples/s  (runs: {', '.join(f'{v:.0f}' for v in results[name])})")
-    print(f"speedup vs best baseline: {medians['digitnet'] / best_baseline:.2f}x")
+    for device in ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]:
+        measure(device, args)
 
 
 if __name__ == "__main__":

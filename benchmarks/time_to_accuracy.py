@@ -31,6 +31,7 @@ from hydra.utils import instantiate
 from torchvision import transforms
 
 from digitnet.data.idx import data_root, load_split
+from digitnet.fastpath import settle
 from digitnet.models import build_backbone
 from digitnet.train import build_module
 
@@ -99,6 +100,7 @@ def accuracy(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -
 def run_recipe(recipe: str, overrides: list[str], seed: int, args) -> TrainingClock:
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         cfg = compose("train", overrides=[f"experiment={recipe}", *overrides, f"seed={seed}", "paths.output_dir=."])
+    print(f"  {settle(cfg)}")  # trainer.precision / channels_last: auto decided as train.py would
     L.seed_everything(seed, verbose=False)
     datamodule, module = instantiate(cfg.data, download=False), build_module(cfg)
     images, labels = load_split("mnist", "test", cfg.data.root, False)

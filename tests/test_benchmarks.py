@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from digitnet.fastpath import choose, training_device
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--override", "trainer.limit_train_batches=2", "--override", "trainer.limit_val_batches=1",
         "--override", "trainer.limit_test_batches=1"]
@@ -62,3 +66,23 @@ def test_inference_benchmark_predicts_and_serves_real_images_without_errors(real
     p50, p99 = (float(serve.split(f"{p} ")[1].split(" ms")[0]) for p in ("p50", "p99"))
     assert 0 < p50 <= p99
     assert float(serve.rsplit("accuracy ", 1)[1].rstrip("%")) > 50
+
+
+def test_throughput_times_the_defaults_and_a_variant_against_the_classic_script(real_data):
+    done = subprocess.run(
+        [sys.executable, "benchmarks/throughput.py", "--batches", "4", "--warmup", "1", "--repeats", "1",
+         "--variant", "trainer.precision=32-true module.channels_last=false"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split() for line in done.stdout.splitlines() if "images/s" in line]
+    assert len(rows) == 3 and rows[0][2] == "1.00x"
+    assert " ".join(rows[0][3:7]) == "classic script (1 worker)"
+    precision, layout = choose(training_device("cpu"), convolutional=True)
+    defaults, variant = " ".join(rows[1]), " ".join(rows[2])
+    assert "python train.py model=cnn aug=light data.batch_size=64 [" in defaults
+    assert f"[precision={precision} channels_last={str(layout).lower()}]" in defaults
+    assert "module.channels_last=false [precision=32-true channels_last=false]" in variant
+    # images/s over the timed batches, and the ratio is that over the classic's
+    for row in rows[1:]:
+        assert float(row[2].rstrip("x")) == pytest.approx(float(row[0]) / float(rows[0][0]), rel=0.05)

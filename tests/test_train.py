@@ -92,7 +92,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_last_good_checkpoint(real_data,
     monkeypatch.setattr(DigitClassifier, "_step", poisoned)
     cfg = compose_config("model=mlp", "trainer.max_epochs=3", "trainer.limit_train_batches=5",
                          "trainer.limit_val_batches=2", *QUIET, output_dir=tmp_path)
-    with pytest.raises(DigitnetError, match="training loss became nan at epoch 1"):
+    with pytest.raises(DigitnetError, match="training loss became nan by epoch 1"):
         train(cfg)
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["epoch"] == 0  # written after the good epoch 0, untouched by the NaN epoch

@@ -73,6 +73,7 @@ class DigitClassifier(L.LightningModule):
         self.val_acc_best = MaxMetric()
         self.val_confusion = MulticlassConfusionMatrix(num_classes)
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
+        self._loss: torch.Tensor | None = None  # the last training loss, checked for NaN/inf now and then
         self._checkpoint_plan: int | None = None  # planned optimizer steps of a checkpoint resumed from
         self.checkpoint_metrics: dict[str, float] = {}  # the fit's metrics when the loaded checkpoint was saved
 
@@ -107,17 +108,27 @@ class DigitClassifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int):
         loss, preds, y = self._step(batch)
-        if not torch.isfinite(loss):
-            raise DigitnetError(
-                f"training loss became {loss.item()} at epoch {self.current_epoch}, step {self.global_step}; "
-                "the last good checkpoint is checkpoints/last.ckpt. Lower optim.lr or add a warmup (sched=cosine)"
-            )
+        # checking every step would wait for the device each step: check on logging steps and before validation
+        # (a NaN/inf loss leaves NaN weights, so the next check still sees it)
+        self._loss = loss.detach()
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            self._require_finite_loss()
         if batch_idx == 0:
             self._log_images("train/augmented_samples", batch[0])
         self.train_acc(preds, y if y.ndim == 1 else y.argmax(1))  # mixed batches: the larger share
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
+
+    def _require_finite_loss(self) -> None:
+        if self._loss is not None and not torch.isfinite(self._loss):
+            raise DigitnetError(
+                f"training loss became {self._loss.item()} by epoch {self.current_epoch}, step {self.global_step}; "
+                "the last good checkpoint is checkpoints/last.ckpt. Lower optim.lr or add a warmup (sched=cosine)"
+            )
+
+    def on_validation_start(self):
+        self._require_finite_loss()  # before a checkpoint could keep NaN weights
 
     def on_train_start(self):
         self.val_acc_best.reset()  # forget the sanity-check validation, not the epochs before a resume

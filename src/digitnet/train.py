@@ -25,6 +25,7 @@ from digitnet.checkpoint import AtomicCheckpointIO, checkpoint_file, checkpoint_
 from digitnet.config import instantiate_checked, validate
 from digitnet.console import config_log, config_tree, result_line
 from digitnet.errors import DigitnetError
+from digitnet.fastpath import settle
 from digitnet.module import DigitClassifier
 from digitnet.registry import record_run
 from digitnet.sweep import trial_ranks
@@ -40,7 +41,9 @@ def _instantiate_all(cfg: DictConfig, key: str) -> list:
 
 def build_module(cfg: DictConfig) -> DigitClassifier:
     """The LightningModule from the model, optim, sched and aug groups, the data's classes and every
-    key of the `module` group (its training options, keywords of DigitClassifier)."""
+    key of the `module` group (its training options, keywords of DigitClassifier); `auto` settings are
+    settled first, as `settle` does."""
+    settle(cfg)
     inputs = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("model", "optim", "sched", "aug")}
     inputs |= {"class_names": list(cfg.data.class_names), "data_name": cfg.data.name}
     options = OmegaConf.to_container(cfg.module, resolve=True)
@@ -74,11 +77,14 @@ def _scalars(trainer: L.Trainer) -> dict:
     return {k: v.item() for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
 
-def _final_metrics(trainer: L.Trainer, module: DigitClassifier, fit_metrics: dict, fit_seconds: float) -> dict:
+def _final_metrics(trainer: L.Trainer, module: DigitClassifier, fit_metrics: dict, fit_seconds: float,
+                   channels_last: bool) -> dict:
     metrics = {**fit_metrics, **_scalars(trainer)}
     metrics.update(
         epochs=trainer.current_epoch,
         train_seconds=round(fit_seconds, 3),
+        precision=trainer.precision,  # what trainer.precision=auto and module.channels_last=auto chose
+        channels_last=channels_last,
         params=sum(p.numel() for p in module.parameters()),
         best_checkpoint=trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None,
     )
@@ -159,6 +165,7 @@ def train(cfg: DictConfig) -> float | list[float]:
     """Train as `cfg` says; returns `cfg.optimized_metric` (a list of values for a list of metrics)."""
     use_registry_checkpoints(cfg)
     validate(cfg)
+    log.info(settle(cfg))
     if cfg.print_config:
         config_log.info("%s", config_tree(cfg))
     L.seed_everything(cfg.seed, workers=True)
@@ -187,7 +194,8 @@ def train(cfg: DictConfig) -> float | list[float]:
 
         # under DDP every process has the synced test metrics, but only rank 0 exported the ONNX model and its
         # clock ran from its own start: its metrics are the run's, and what every process returns
-        metrics = trainer.strategy.broadcast(_final_metrics(trainer, module, fit_metrics, fit_seconds))
+        metrics = trainer.strategy.broadcast(_final_metrics(trainer, module, fit_metrics, fit_seconds,
+                                                                  cfg.module.channels_last))
         if trainer.is_global_zero:
             logged = set(fit_metrics) | set(_scalars(trainer))  # already in the loggers, as curves
             _publish(cfg, trainer, loggers, metrics, logged, run_dir)
