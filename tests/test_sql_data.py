@@ -138,11 +138,11 @@ def test_unlabelled_rows_from_folders_idx_and_npy(url, tmp_path, capsys, real_da
 
 def test_a_push_failing_half_way_leaves_the_table_as_it_was(url, tiny, capsys):
     table = _table()
-    with Store(url, table, create=True) as store:  # the same columns, plus a rule the second split breaks
-        with store.transaction() as conn:
-            conn.exec_driver_sql(f"CREATE TABLE {table} (split VARCHAR(16) NOT NULL, id INTEGER NOT NULL, "
-                                 "label INTEGER CHECK (label < 10), pixels BYTEA NOT NULL, PRIMARY KEY (split, id))"
-                                 .replace("BYTEA", "BYTEA" if url.startswith("postgresql") else "BLOB"))
+    # the same columns, plus a rule the second split breaks
+    with Store(url, table, create=True) as store, store.transaction() as conn:
+        conn.exec_driver_sql(f"CREATE TABLE {table} (split VARCHAR(16) NOT NULL, id INTEGER NOT NULL, "
+                             "label INTEGER CHECK (label < 10), pixels BYTEA NOT NULL, PRIMARY KEY (split, id))"
+                             .replace("BYTEA", "BYTEA" if url.startswith("postgresql") else "BLOB"))
     assert _data(capsys, "push", "mnist", "--url", url, "--table", table, "-q")[0] == 0
     images, labels = load_split("mnist", "test")
     bad_labels = labels.clone()

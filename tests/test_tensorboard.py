@@ -14,6 +14,7 @@ import time
 import urllib.parse
 import urllib.request
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -101,7 +102,7 @@ def test_tensorboard_serves_every_step_and_the_final_metrics(real_data, tmp_path
             for tag in CURVES:
                 steps = logged_steps(run_dir, tag)
                 assert steps and 0 not in steps, (run, tag, steps)  # no stray point at step 0
-                assert poll(lambda: scalar_steps(base, run, tag), steps) == steps, (run, tag)
+                assert poll(partial(scalar_steps, base, run, tag), steps) == steps, (run, tag)
         groups = poll(lambda: sorted(session_groups(base)), sorted(runs))
         assert groups == sorted(runs)
         groups = session_groups(base)
