@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the benchmark scripts, run on real data
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--override", "trainer.limit_train_batches=2", "--override", "trainer.limit_val_batches=1",
         "--override", "trainer.limit_test_batches=1"]

@@ -23,6 +23,8 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 from conftest import REPO, compose_config
 from digitnet.train import train
 
+pytestmark = pytest.mark.slow  # real runs and a sweep, read back through a TensorBoard server
+
 TINY = ["model=mlp", "sched=none", "trainer.limit_train_batches=6", "trainer.limit_val_batches=2",
         "trainer.limit_test_batches=2", "trainer.log_every_n_steps=2", "callbacks.onnx_export.test_images=200",
         "callbacks.progress_bar=null", "trainer.enable_progress_bar=false"]
