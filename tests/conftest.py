@@ -66,3 +66,13 @@ def private_registry(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DIGITNET_REGISTRY", url)
         yield url
+
+
+SERVICES = ("postgres", "browser", "slurm", "network")
+
+
+def pytest_collection_modifyitems(items):
+    """A test that needs a service or a download is slow: the fast tier (-m "not slow") needs none."""
+    for item in items:
+        if any(item.get_closest_marker(name) for name in SERVICES):
+            item.add_marker(pytest.mark.slow)

@@ -16,6 +16,10 @@ from pathlib import Path
 import pytest
 
 
+# the databases a test can run on, for a fixture's params; the PostgreSQL one starts a server
+BACKENDS = ("sqlite", pytest.param("postgresql", marks=pytest.mark.postgres))
+
+
 def _server_bin_dir() -> Path:
     # Debian keeps the server binaries out of PATH, under /usr/lib/postgresql/<version>/bin.
     found = shutil.which("pg_ctl") or max(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), default=None)

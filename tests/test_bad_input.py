@@ -166,6 +166,7 @@ def test_the_table_harness_accepts_a_good_run(tiny_mnist, tmp_path, monkeypatch)
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, damage, message", [
     (["data.batch_size=0"], None, "data.batch_size=0 must be a positive integer"),
     (["trainer.precision=banana"], None, "trainer: Precision 'banana' is invalid."),
@@ -191,6 +192,7 @@ def test_command_line_prints_one_line_and_removes_the_run_dir(tiny_mnist, tmp_pa
     assert not (tmp_path / "run").exists() and not registry.parent.exists()
 
 
+@pytest.mark.slow
 def test_a_run_that_failed_while_training_keeps_its_folder(tiny_mnist, tmp_path, monkeypatch):
     """Only a folder with nothing but Hydra's files is removed: here TensorBoard already has the run."""
     monkeypatch.setenv("DIGITNET_DATA", str(tiny_mnist))
@@ -239,6 +241,7 @@ def test_checkpoint_of_another_model(real_data, tmp_path):
         train(cfg)
 
 
+@pytest.mark.slow
 def test_resume_with_a_longer_schedule_says_to_fine_tune_instead(tiny_mnist, tmp_path, monkeypatch):
     monkeypatch.setenv("DIGITNET_DATA", str(tiny_mnist))
     short = ("model=mlp", "data.val_size=50", "trainer.max_epochs=1", "test=false", "logger=none",
@@ -274,6 +277,7 @@ def test_missing_checkpoint(tmp_path):
         train(cfg)
 
 
+@pytest.mark.slow
 def test_unknown_option_lists_the_choices(tmp_path):
     run = run_train("model=vit", run_dir=tmp_path)
     assert run.returncode != 0 and "Traceback" not in run.stderr

@@ -10,6 +10,8 @@ import pytest
 
 from digitnet.fastpath import choose, training_device
 
+pytestmark = pytest.mark.slow  # the benchmark scripts, run on real data
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--override", "trainer.limit_train_batches=2", "--override", "trainer.limit_val_batches=1",
         "--override", "trainer.limit_test_batches=1"]

@@ -41,6 +41,7 @@ def fake_srun(tmp_path: Path) -> dict:
     return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
 
 
+@pytest.mark.slow
 def test_run_prints_no_noise_and_train_log_holds_the_console(real_data, tmp_path):
     done, console = run("train.py", *TINY, f"hydra.run.dir={tmp_path / 'run'}", tmp_path=tmp_path, env=fake_srun(tmp_path))
     assert done.returncode == 0, console
@@ -59,6 +60,7 @@ def test_run_prints_no_noise_and_train_log_holds_the_console(real_data, tmp_path
         assert expected in log, expected
 
 
+@pytest.mark.slow
 def test_failed_run_logs_its_error_line(real_data, tmp_path):
     """A DigitnetError after training: one `error:` line on the console, the same line in train.log."""
     done, console = run("train.py", *TINY, "optimized_metric=val/nope", f"hydra.run.dir={tmp_path}", tmp_path=tmp_path)
@@ -68,6 +70,7 @@ def test_failed_run_logs_its_error_line(real_data, tmp_path):
     assert "epoch 1 (2 of 2)" in log and f"{done.stderr.strip()}" in log
 
 
+@pytest.mark.slow
 def test_unexpected_exception_leaves_its_traceback_in_train_log(real_data, tmp_path):
     """A bug (here a callback raising) ends the run with Hydra's traceback; train.log keeps it."""
     done, console = run("train.py", *TINY, "+callbacks.boom._target_=failing_callback.Boom", f"hydra.run.dir={tmp_path}",
@@ -78,6 +81,7 @@ def test_unexpected_exception_leaves_its_traceback_in_train_log(real_data, tmp_p
     assert re.search(r"\[ERROR\] - the run failed:\nTraceback .*\nRuntimeError: boom after epoch 0", log, re.S)
 
 
+@pytest.mark.slow
 def test_sweep_console_numbers_trials_like_their_folders(real_data, tmp_path):
     done, console = run("train.py", "-m", *TINY, "trainer.max_epochs=1", "model.dropout=0.0,0.1",
                         "hydra.sweeper.study_name=tiny", "hydra.sweeper.n_trials=2", tmp_path=tmp_path)
@@ -109,6 +113,7 @@ def test_smoke_test_says_what_it_checked_not_an_accuracy(real_data, tmp_path, ca
     assert "test/acc" not in caplog.text
 
 
+@pytest.mark.slow
 def test_eval_says_what_it_does_before_each_long_phase(real_data, tmp_path, tmp_path_factory):
     trained = tiny_run(tmp_path_factory)
     done, console = run("eval.py", f"ckpt_path={trained.checkpoint}", "data.limit=300", f"hydra.run.dir={tmp_path / 'eval'}",
@@ -122,6 +127,7 @@ def test_eval_says_what_it_does_before_each_long_phase(real_data, tmp_path, tmp_
     assert "robustness: accuracy on 29" in (tmp_path / "eval" / "eval.log").read_text()
 
 
+@pytest.mark.slow
 def test_digitnet_export_says_what_it_verifies(real_data, tmp_path, tmp_path_factory):
     trained = tiny_run(tmp_path_factory)
     done = subprocess.run([sys.executable, "-m", "digitnet.cli", "export", str(trained.checkpoint), "-o",

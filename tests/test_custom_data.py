@@ -23,8 +23,7 @@ from digitnet.checkpoint import load_checkpoint
 from digitnet.train import build_module, init_weights
 from tiny_run import tiny_run
 
-QUIET = ("logger=none", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false",
-         "callbacks.model_summary=null", "registry.enabled=false")
+QUIET = ("debug=test", "registry.enabled=false")
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ from test_serve import _save_screenshot, browser  # noqa: F401 (a fixture)
 from test_tensorboard import fetch, poll
 from test_trackers import TINY
 
+pytestmark = pytest.mark.slow  # a sweep tracked in MLflow, read back through its dashboards
+
 STUDY = "tiny"
 
 

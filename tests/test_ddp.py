@@ -20,6 +20,8 @@ from digitnet.evaluate import evaluate
 from digitnet.registry import Registry
 from slurm_cluster import slurm_cluster  # noqa: F401 (a fixture)
 
+pytestmark = pytest.mark.slow  # DDP runs in three processes, a SLURM cluster
+
 PROCESSES = 3  # 10,000 test images do not split evenly in 3: a padding sampler would test 10,002
 BATCH = 2048  # per process: an epoch is ceil(55,000 / 3) // 2048 = 8 steps in each process
 
@@ -64,6 +66,7 @@ def test_the_lr_schedule_spans_the_steps_of_each_process(ddp_run):
     assert last["global_step"] == last["planned_steps"] == schedule["total_steps"] == schedule["last_epoch"] == steps
 
 
+@pytest.mark.slurm
 def test_one_training_over_two_slurm_tasks_ends_once(real_data, slurm_cluster, tmp_path):  # noqa: F811
     url = f"sqlite:///{tmp_path / 'registry.db'}"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # the script's `python`

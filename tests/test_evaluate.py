@@ -100,6 +100,7 @@ def test_robustness_table_degrades_sensibly(report):
     assert "| inversion | 0 = original, 1 = inverted | 0: " in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_mirror_tta_is_reported_beside_the_plain_accuracy(trained, report, tmp_path):
     from digitnet.classifier import load_classifier
     from digitnet.data.idx import load_split
@@ -148,6 +149,7 @@ def test_corruptions_do_what_they_say():
     assert (noise(torch.full((4, 1, 28, 28), 0.5), 0.1, gen) - 0.5).std().item() == pytest.approx(0.1, rel=0.05)
 
 
+@pytest.mark.slow
 def test_eval_by_registry_id_and_best(trained, tmp_path):
     a = evaluate(eval_config(f"ckpt_path='{trained.record_id[:8]}'", f"registry.url={trained.registry_url}",
                              "data.limit=300", "logger=none", output_dir=tmp_path / "by_id"))
@@ -173,6 +175,7 @@ def test_bad_settings_are_clear_errors_and_write_no_report(trained, tmp_path, ov
     assert not (tmp_path / "report.md").exists()
 
 
+@pytest.mark.slow
 def test_eval_py_command_line(trained, tmp_path):
     run = subprocess.run(
         [sys.executable, str(REPO / "eval.py"), f"ckpt_path={tmp_path / 'missing.ckpt'}", f"hydra.run.dir={tmp_path}"],

@@ -29,7 +29,7 @@ from digitnet.module import DigitClassifier
 from digitnet.train import train
 
 TINY_CNN = ["model=cnn", "model.channels=[8,16]", "model.hidden=32"]
-QUIET = ["logger=none", "callbacks.lr_monitor=null", "callbacks.progress_bar=null", "callbacks.model_summary=null"]
+QUIET = ["debug=test"]
 EXPORT_CALLBACK = ["++callbacks.onnx_export._target_=digitnet.export.OnnxExport", "++callbacks.onnx_export.int8=true"]
 OLD_ORT = "onnxruntime==1.16.*"
 
@@ -134,6 +134,7 @@ def test_cli_dynamic_batch_export_runs_whole_batches(best_ckpt, tmp_path, sessio
     np.testing.assert_allclose(probs, predict(session, images[:7]), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_cli_writes_next_to_the_checkpoint_and_says_where(best_ckpt, tmp_path, capsys):
     ckpt = shutil.copy(best_ckpt, tmp_path / "best.ckpt")
     assert main([str(ckpt), "--int8"]) == 0
@@ -304,6 +305,7 @@ print(ort.__version__)
 """
 
 
+@pytest.mark.network  # pip installs onnxruntime 1.16 once per pytest cache
 @pytest.mark.parametrize("filename", ["model.onnx", "model.int8.onnx"])
 def test_exercise_onnxruntime_1_16_gives_the_same_predictions(old_ort_python, run_dir, session, mnist_sample, tmp_path,
                                                               filename):

@@ -17,6 +17,8 @@ from digitnet.data.idx import load_split
 from digitnet.train import train
 from test_export import QUIET
 
+pytestmark = pytest.mark.slow  # a 200-batch training run
+
 FRAME_HEIGHT, FRAME_WIDTH = 480, 640
 DIGITS_PER_POLARITY = 100
 CAMERA_RUN = [

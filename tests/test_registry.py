@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from conftest import REPO, compose_config
-from postgres_server import postgres_url  # noqa: F401 (fixture)
+from postgres_server import BACKENDS, postgres_url  # noqa: F401 (fixture)
 from digitnet import cli
 from digitnet.data.idx import load_split
 from digitnet.errors import DigitnetError
@@ -182,7 +182,7 @@ for i in range(25):
 """
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=BACKENDS)
 def fresh_database(request, tmp_path) -> str:
     """A URL of an empty database, so concurrent writers also race to create the schema."""
     if request.param == "sqlite":
@@ -196,6 +196,7 @@ def fresh_database(request, tmp_path) -> str:
     return server.rsplit("/", 1)[0] + "/" + name
 
 
+@pytest.mark.slow
 def test_two_processes_writing_at_once_lose_nothing(tmp_path, fresh_database):
     url = fresh_database
     start = tmp_path / "go"
@@ -309,8 +310,7 @@ def test_a_partly_tested_run_is_marked_and_ranked_only_when_asked(real_data, tmp
     url = f"sqlite:///{tmp_path / 'reg.db'}"
     train(compose_config(
         "model=mlp", "trainer.max_epochs=1", "trainer.limit_train_batches=5", "trainer.limit_val_batches=1",
-        "trainer.limit_test_batches=2", "logger=none", "callbacks.progress_bar=null",
-        "trainer.enable_progress_bar=false", "callbacks.model_summary=null", f"registry.url={url}",
+        "trainer.limit_test_batches=2", "debug=test", f"registry.url={url}",
         output_dir=tmp_path / "run",
     ))
     with Registry(url) as registry:

@@ -15,11 +15,13 @@ import torch
 from conftest import REPO, compose_config, run_train
 from digitnet.train import train
 
+pytestmark = pytest.mark.slow  # several multi-epoch runs, one killed and resumed
+
 SPIKE_EPOCH = 2
 RUN = ["model=mlp", "sched=none", "trainer.limit_train_batches=20", "trainer.limit_val_batches=2",
        "trainer.limit_test_batches=2", "callbacks.onnx_export.test_images=200",
        "++callbacks.lr_spike._target_=test_resume.LrSpike", f"++callbacks.lr_spike.epoch={SPIKE_EPOCH}",
-       "logger=none", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false", "callbacks.model_summary=null"]
+       "debug=test"]
 
 
 class LrSpike(L.Callback):

@@ -21,7 +21,7 @@ from digitnet.module import DigitClassifier
 from digitnet.train import train
 from tiny_run import tiny_run
 
-QUIET = ["logger=none", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false", "callbacks.model_summary=null"]
+QUIET = ["debug=test"]
 
 
 @pytest.fixture
@@ -85,6 +85,7 @@ def assert_one_error_line(run: subprocess.Popen, *parts: str) -> None:
 # ---------------------------------------------------------------------------- digitnet export
 
 
+@pytest.mark.slow
 def test_export_killed_while_writing_keeps_the_previous_file(real_data, tmp_path):
     previous = tmp_path / "existing.onnx"
     export_checkpoint(mlp_checkpoint(tmp_path / "small.ckpt", [16]), previous, test_images=20)
@@ -104,6 +105,7 @@ def test_export_killed_while_writing_keeps_the_previous_file(real_data, tmp_path
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("existing")] == ["existing.onnx"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("had_previous", [True, False])
 def test_export_on_a_full_disk_is_one_error_line_and_no_truncated_file(real_data, tmp_path, small_disk, had_previous):
     disk = small_disk("1m")
@@ -121,6 +123,7 @@ def test_export_on_a_full_disk_is_one_error_line_and_no_truncated_file(real_data
     assert not temp_files(disk)
 
 
+@pytest.mark.slow
 def test_int8_copy_on_a_full_disk_keeps_the_previous_copy(real_data, tmp_path, small_disk):
     ckpt = mlp_checkpoint(tmp_path / "mlp.ckpt", [128, 64])
     sizes = export_checkpoint(ckpt, tmp_path / "model.onnx", int8=True, test_images=20).metrics()
@@ -134,6 +137,7 @@ def test_int8_copy_on_a_full_disk_keeps_the_previous_copy(real_data, tmp_path, s
     assert not temp_files(disk)
 
 
+@pytest.mark.slow
 def test_export_into_a_read_only_folder_is_one_error_line(real_data, tmp_path, small_disk):
     disk = small_disk("1m")
     make_read_only(disk)

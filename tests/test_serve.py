@@ -34,13 +34,15 @@ from digitnet.data.idx import load_split
 from digitnet.data.prepare import prepare_digit
 from digitnet.serve import load_onnx_classifier
 
+pytestmark = pytest.mark.slow  # a 200-batch model, a server process and many clients
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  # host names of this machine, as a DNS-rebinding page and a user's --allowed-host name would resolve
                  "--host-resolver-rules=MAP rebound.test 127.0.0.1, MAP pad.test 127.0.0.1"]
 SCALE = 10  # canvas pixels per MNIST pixel: the page's canvas is 280x280
-QUIET = ("logger=none", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false", "callbacks.model_summary=null")
+QUIET = ("debug=test",)
 
 
 @dataclass
@@ -172,6 +174,7 @@ def _first(mnist_test, label: int) -> np.ndarray:
     return images[np.flatnonzero(labels == label)[0]]
 
 
+@pytest.mark.browser
 def test_drawing_a_digit_shows_the_right_prediction(page, mnist_test):
     for label in (7, 2):
         page.click("#clear")
@@ -197,6 +200,7 @@ def _save_screenshot(png: bytes, path: Path) -> None:
     path.write_bytes(png)
 
 
+@pytest.mark.browser
 def test_undo_and_clear(page, mnist_test):
     _draw(page, _strokes(_first(mnist_test, 7)))
     before = _shown(page)
@@ -211,6 +215,7 @@ def test_undo_and_clear(page, mnist_test):
     assert cleared["prediction"] == "" and not any(cleared["seen"]) and all(row == ["", ""] for row in cleared["top"])
 
 
+@pytest.mark.browser
 def test_touch_draws_too(browser, server):
     context = browser.new_context(has_touch=True, viewport={"width": 400, "height": 800})
     page = context.new_page()
@@ -224,6 +229,7 @@ def test_touch_draws_too(browser, server):
     context.close()
 
 
+@pytest.mark.browser
 def test_collect_saves_the_drawing_the_model_saw(page, server, mnist_test):
     _draw(page, _strokes(_first(mnist_test, 4)))
     seen = np.array(_shown(page)["seen"]).reshape(28, 28)
@@ -408,6 +414,7 @@ def attacker(mnist_test):
         thread.join()
 
 
+@pytest.mark.browser
 def test_another_origins_page_cannot_collect(browser, server, attacker):
     before = _tree(server.dataset_dir)
     page = browser.new_page()
@@ -424,6 +431,7 @@ def test_another_origins_page_cannot_collect(browser, server, attacker):
     assert not pad_in_frame, framed.url  # the browser would not show the pad in the other site's frame
 
 
+@pytest.mark.browser
 def test_a_rebound_host_name_is_refused(browser, server, mnist_test):
     """A page whose name was rebound to 127.0.0.1 after it loaded talks to the pad under its own name."""
     before = _tree(server.dataset_dir)
@@ -469,6 +477,7 @@ def test_posts_marked_cross_origin_or_not_an_image_are_refused(server, mnist_tes
     assert _tree(server.dataset_dir) == before
 
 
+@pytest.mark.browser
 def test_default_collect_dir_allowed_host_and_unwritable_label_folder(served_model, browser, mnist_test, tmp_path):
     """Without --collect-dir drawings go to data/custom under the current folder, never into the
     dataset store $DIGITNET_DATA; the page works under a name given with --allowed-host; /api/info

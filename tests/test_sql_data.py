@@ -13,13 +13,12 @@ import torch
 from PIL import Image
 
 from conftest import compose_config, run_train
-from postgres_server import postgres_url  # noqa: F401 (fixture)
+from postgres_server import BACKENDS, postgres_url  # noqa: F401 (fixture)
 from digitnet import cli
 from digitnet.data.idx import load_split
 from digitnet.data.sql import UNLABELLED, SqlDataModule, Store
 from digitnet.errors import DigitnetError
 
-BACKENDS = ("sqlite", "postgresql")
 
 
 @pytest.fixture
@@ -93,14 +92,14 @@ def _train_acc(tmp_path, *overrides: str) -> float:
     from digitnet.train import train
 
     cfg = compose_config(
-        "model=mlp", "trainer.max_epochs=1", "trainer.limit_train_batches=40", "logger=none", "seed=3",
-        "callbacks.progress_bar=null", "trainer.enable_progress_bar=false", "callbacks.model_summary=null",
+        "model=mlp", "trainer.max_epochs=1", "trainer.limit_train_batches=40", "debug=test", "seed=3",
         "callbacks.onnx_export=null", "registry.enabled=false", *overrides, output_dir=tmp_path,
     )
     train(cfg)
     return json.loads((tmp_path / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_training_from_sql_equals_training_from_the_files(real_data, url, tmp_path, capsys):
     table = _table()
     assert _data(capsys, "push", "mnist", "--url", url, "--table", table, "-q")[0] == 0
@@ -138,11 +137,11 @@ def test_unlabelled_rows_from_folders_idx_and_npy(url, tmp_path, capsys, real_da
 
 def test_a_push_failing_half_way_leaves_the_table_as_it_was(url, tiny, capsys):
     table = _table()
-    with Store(url, table, create=True) as store:  # the same columns, plus a rule the second split breaks
-        with store.transaction() as conn:
-            conn.exec_driver_sql(f"CREATE TABLE {table} (split VARCHAR(16) NOT NULL, id INTEGER NOT NULL, "
-                                 "label INTEGER CHECK (label < 10), pixels BYTEA NOT NULL, PRIMARY KEY (split, id))"
-                                 .replace("BYTEA", "BYTEA" if url.startswith("postgresql") else "BLOB"))
+    # the same columns, plus a rule the second split breaks
+    with Store(url, table, create=True) as store, store.transaction() as conn:
+        conn.exec_driver_sql(f"CREATE TABLE {table} (split VARCHAR(16) NOT NULL, id INTEGER NOT NULL, "
+                             "label INTEGER CHECK (label < 10), pixels BYTEA NOT NULL, PRIMARY KEY (split, id))"
+                             .replace("BYTEA", "BYTEA" if url.startswith("postgresql") else "BLOB"))
     assert _data(capsys, "push", "mnist", "--url", url, "--table", table, "-q")[0] == 0
     images, labels = load_split("mnist", "test")
     bad_labels = labels.clone()
@@ -179,6 +178,7 @@ def test_bad_stores_are_one_clear_error(url, tiny, capsys):
         SqlDataModule(url=url, table=table, val_size=20, class_names=["a", "b"]).setup("fit")
 
 
+@pytest.mark.slow
 def test_an_unreachable_database_stops_train_py_with_one_line(tmp_path):
     closed = "postgresql+psycopg2://postgres@127.0.0.1:9/none"  # the discard port: nothing listens
     result = run_train("data=sql", f"data.url={closed}", "model=mlp", run_dir=tmp_path / "run")

@@ -15,15 +15,17 @@ import sqlalchemy as sa
 from hydra import compose, initialize_config_dir
 
 from conftest import REPO, compose_config, run_train
-from postgres_server import postgres_url  # noqa: F401 (fixture)
+from postgres_server import BACKENDS, postgres_url  # noqa: F401 (fixture)
 from digitnet import cli
 from digitnet.data.idx import load_split
 from digitnet.registry import Registry
 
-SHORT = ("model=mlp", "sched=none", "trainer.max_epochs=1", "trainer.limit_train_batches=40", "logger=none", "seed=5")
+pytestmark = pytest.mark.slow  # push, train, evaluate and predict through the database
+
+SHORT = ("model=mlp", "sched=none", "trainer.max_epochs=1", "trainer.limit_train_batches=40", "debug=test", "seed=5")
 
 
-@pytest.fixture(params=("sqlite", "postgresql"))
+@pytest.fixture(params=BACKENDS)
 def url(request, tmp_path_factory):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path_factory.mktemp('db') / 'digits.db'}"
@@ -34,8 +36,7 @@ def _train(url: str, output_dir, *overrides: str) -> dict:
     """`python train.py` in-process, data and registry in the database."""
     from digitnet.train import train
 
-    cfg = compose_config(*SHORT, "data=sql", f"data.url={url}", "data.table=mnist", f"registry.url={url}",
-                         "callbacks.progress_bar=null", "trainer.enable_progress_bar=false", *overrides,
+    cfg = compose_config(*SHORT, "data=sql", f"data.url={url}", "data.table=mnist", f"registry.url={url}", *overrides,
                          output_dir=output_dir)
     train(cfg)
     return json.loads((output_dir / "metrics.json").read_text())

@@ -21,6 +21,8 @@ from postgres_server import postgres_url  # noqa: F401 (fixture)
 
 from digitnet.sweep import report
 
+pytestmark = pytest.mark.slow  # every test runs sweeps, each a process of its own
+
 APP = Path(__file__).parent / "sweep_app" / "app.py"
 SPACE = ["x=interval(0,1)", "lr=tag(log,interval(1e-4,1e-1))", "model=small,big"]
 ENDED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -236,6 +238,7 @@ def test_two_workers_share_a_sqlite_study(tmp_path):
     assert_shared_study(load(tmp_path))
 
 
+@pytest.mark.postgres
 def test_two_workers_share_a_postgresql_study(tmp_path, postgres_url):  # noqa: F811
     run_two_workers(tmp_path, *CONCURRENT, f"hydra.sweeper.storage={postgres_url}", study="pg")
     assert_shared_study(load(tmp_path, "pg", postgres_url))

@@ -10,12 +10,15 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 from digitnet.errors import DigitnetError
 from digitnet.sweep.study import load_study
 from slurm_cluster import slurm_cluster  # noqa: F401 (fixture)
 from test_sweep import SPACE, assert_exactly_ended, load, start, started_trials, sweep
+
+pytestmark = pytest.mark.slow  # sweeps in parallel processes and SLURM jobs
 
 PARALLEL = [*SPACE, "epochs=4", "seconds_per_epoch=0.5", "hydra.sweeper.n_jobs=2"]
 PRUNING = "hydra.sweeper.pruner={name:median,n_startup_trials:2,n_warmup_steps:1}"
@@ -86,6 +89,7 @@ SLURM = [*PARALLEL, "hydra/launcher=submitit_slurm", "hydra.sweeper.n_trials=4",
          "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3"]
 
 
+@pytest.mark.slurm
 def test_slurm_runs_each_trial_as_a_slurm_job(slurm_cluster, tmp_path):  # noqa: F811
     sweep(tmp_path, *SLURM, PRUNING, study="slurm")
     study = load(tmp_path, "slurm")
@@ -110,6 +114,7 @@ def wait_for_job(cwd: Path, study: str, number: int, worker: subprocess.Popen) -
     raise AssertionError(f"trial {number} never started")
 
 
+@pytest.mark.slurm
 def test_a_cancelled_slurm_job_fails_only_its_trial(slurm_cluster, tmp_path):  # noqa: F811
     slow = [*SLURM, "epochs=16"]
     worker = start(tmp_path, *slow, study="cancel")

@@ -46,6 +46,7 @@ def test_example_sweeps_compose_every_choice(name):
             compose("train", overrides=[*base, *overrides])
 
 
+@pytest.mark.slow
 def test_tiny_real_sweep_reports_every_epoch_and_writes_runs(real_data, tmp_path):
     train_sweep(tmp_path, *TINY, "optim.lr=tag(log,interval(1e-3,1e-2))", "model.dropout=0.0,0.2",
                 "hydra.sweeper.study_name=tiny", "hydra.sweeper.n_trials=2",
@@ -62,6 +63,7 @@ def test_tiny_real_sweep_reports_every_epoch_and_writes_runs(real_data, tmp_path
     assert "optim.lr=" in best["best"]["command"] and "model=mlp" in best["best"]["command"]
 
 
+@pytest.mark.slow
 def test_quick_sweeps_pruner_saves_epochs_yet_lets_sampled_trials_finish(real_data, tmp_path):
     """Pruning must not end every trial after the first ones: the search keeps finding trials
     worth finishing (the tiny budget's curves differ from the full sweep's, the rule is the same)."""
@@ -80,6 +82,7 @@ def test_quick_sweeps_pruner_saves_epochs_yet_lets_sampled_trials_finish(real_da
     assert epochs < n_trials * 4
 
 
+@pytest.mark.slow
 def test_tiny_real_sweep_runs_trials_in_parallel_with_joblib(real_data, tmp_path):
     train_sweep(tmp_path, *TINY, "optim.lr=tag(log,interval(1e-3,1e-2))", "hydra.sweeper.study_name=par",
                 "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "hydra/launcher=joblib",

@@ -14,6 +14,7 @@ import time
 import urllib.parse
 import urllib.request
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,8 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 
 from conftest import REPO, compose_config
 from digitnet.train import train
+
+pytestmark = pytest.mark.slow  # real runs and a sweep, read back through a TensorBoard server
 
 TINY = ["model=mlp", "sched=none", "trainer.limit_train_batches=6", "trainer.limit_val_batches=2",
         "trainer.limit_test_batches=2", "trainer.log_every_n_steps=2", "callbacks.onnx_export.test_images=200",
@@ -101,7 +104,7 @@ def test_tensorboard_serves_every_step_and_the_final_metrics(real_data, tmp_path
             for tag in CURVES:
                 steps = logged_steps(run_dir, tag)
                 assert steps and 0 not in steps, (run, tag, steps)  # no stray point at step 0
-                assert poll(lambda: scalar_steps(base, run, tag), steps) == steps, (run, tag)
+                assert poll(partial(scalar_steps, base, run, tag), steps) == steps, (run, tag)
         groups = poll(lambda: sorted(session_groups(base)), sorted(runs))
         assert groups == sorted(runs)
         groups = session_groups(base)

@@ -18,8 +18,7 @@ from digitnet.train import train
 from wandb_records import items, records
 
 TINY = ["model=mlp", "sched=none", "trainer.max_epochs=2", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
-        "trainer.limit_test_batches=2", "callbacks.onnx_export.test_images=100", "callbacks.progress_bar=null",
-        "trainer.enable_progress_bar=false", "callbacks.model_summary=null"]
+        "trainer.limit_test_batches=2", "callbacks.onnx_export.test_images=100", "debug=test"]
 
 
 def test_logger_group_takes_several_loggers(tmp_path):
@@ -44,6 +43,7 @@ def artifact_files(client: MlflowClient, run_id: str, path: str | None = None) -
     return files
 
 
+@pytest.mark.slow
 def test_mlflow_run_holds_params_curves_figures_and_model(real_data, tmp_path, monkeypatch):
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
@@ -65,6 +65,7 @@ def test_mlflow_run_holds_params_curves_figures_and_model(real_data, tmp_path, m
     assert list((tmp_path / "run").glob("events.out.tfevents.*"))  # and TensorBoard beside it
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_the_same(real_data, tmp_path):
     train(compose_config(*TINY, "logger=wandb", output_dir=tmp_path / "run"))
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -90,6 +91,7 @@ def test_wandb_offline_run_holds_the_same(real_data, tmp_path):
     assert sorted(artifacts) == sorted(["model.onnx", Path(metrics["best_checkpoint"]).name])
 
 
+@pytest.mark.slow
 def test_eval_sends_its_report_to_the_loggers(real_data, tmp_path, tmp_path_factory):
     from test_evaluate import eval_config
     from tiny_run import tiny_run
@@ -109,6 +111,7 @@ def test_eval_sends_its_report_to_the_loggers(real_data, tmp_path, tmp_path_fact
     assert {"report.md", "eval_metrics.json"} <= set(files)
 
 
+@pytest.mark.slow
 def test_a_failed_run_ends_its_wandb_run(real_data, tmp_path):
     """A sweep trial that raises must not leave its W&B run open: the next trial would log into it."""
     import wandb

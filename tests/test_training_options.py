@@ -16,8 +16,7 @@ from digitnet.mix import build_mix
 from digitnet.module import DigitClassifier
 from digitnet.train import build_module, train
 
-QUIET = ["logger=none", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false",
-         "callbacks.model_summary=null", "callbacks.onnx_export=null", "registry.enabled=false"]
+QUIET = ["debug=test", "callbacks.onnx_export=null", "registry.enabled=false"]
 
 
 def _test_loss(module: DigitClassifier, state_dict: dict, images: torch.Tensor, labels: torch.Tensor) -> float:

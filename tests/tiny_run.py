@@ -33,8 +33,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
         root = tmp_path_factory.mktemp("tiny_run")
         url = f"sqlite:///{root / 'registry.db'}"
         cfg = compose_config(
-            "model=mlp", "trainer.max_epochs=1", "trainer.limit_train_batches=30", "logger=none",
-            "callbacks.progress_bar=null", "trainer.enable_progress_bar=false", "callbacks.model_summary=null",
+            "model=mlp", "trainer.max_epochs=1", "trainer.limit_train_batches=30", "debug=test",
             f"registry.url={url}", output_dir=root / "run",
         )
         train(cfg)
