@@ -48,10 +48,21 @@ def fail(message: str) -> NoReturn:
 def train_model(folder: Path, batches: int) -> Path:
     """A short real `python train.py model=cnn` run without tracker or registry; its run dir."""
     run_dir = folder / "run"
-    command = [sys.executable, str(ROOT / "train.py"), "model=cnn", "trainer.max_epochs=1",
-               f"trainer.limit_train_batches={batches}", "trainer.limit_val_batches=10", "test=false",
-               "callbacks.onnx_export.test_images=1000", "logger=none", "registry.enabled=false",
-               "print_config=false", "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"]
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "model=cnn",
+        "trainer.max_epochs=1",
+        f"trainer.limit_train_batches={batches}",
+        "trainer.limit_val_batches=10",
+        "test=false",
+        "callbacks.onnx_export.test_images=1000",
+        "logger=none",
+        "registry.enabled=false",
+        "print_config=false",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={run_dir}",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"training the benchmark model failed:\n{done.stderr[-3000:]}")
@@ -63,8 +74,10 @@ def run_models(run_dir: Path) -> tuple[Path, Path]:
     metrics, onnx = run_dir / "metrics.json", run_dir / "model.onnx"
     checkpoint = json.loads(metrics.read_text()).get("best_checkpoint") if metrics.is_file() else None
     if not onnx.is_file() or not checkpoint or not Path(checkpoint).is_file():
-        fail(f"{run_dir} is not a finished run dir with model.onnx and its best checkpoint; pass the dir of a "
-             "`python train.py` run, or leave out --run to train one")
+        fail(
+            f"{run_dir} is not a finished run dir with model.onnx and its best checkpoint; pass the dir of a "
+            "`python train.py` run, or leave out --run to train one"
+        )
     return Path(checkpoint), onnx
 
 
@@ -74,8 +87,11 @@ def run_models(run_dir: Path) -> tuple[Path, Path]:
 def predict_once(model: Path, images: Path, out: Path, labels: np.ndarray) -> tuple[float, float]:
     """Seconds of one `digitnet predict` command and the accuracy of the predictions it wrote."""
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "digitnet.cli", "predict", str(model), str(images), "--csv", str(out)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "digitnet.cli", "predict", str(model), str(images), "--csv", str(out)],
+        capture_output=True,
+        text=True,
+    )
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"digitnet predict {model} failed:\n{done.stderr[-3000:]}")
@@ -100,8 +116,7 @@ def model_speed(model: Path, x, repeats: int) -> float:
     return len(x) / statistics.median(seconds)
 
 
-def bench_predict(models: dict[str, Path], images: np.ndarray, labels: np.ndarray, folder: Path,
-                  repeats: int) -> None:
+def bench_predict(models: dict[str, Path], images: np.ndarray, labels: np.ndarray, folder: Path, repeats: int) -> None:
     import torch
 
     path = folder / "test-images.npy"
@@ -112,14 +127,19 @@ def bench_predict(models: dict[str, Path], images: np.ndarray, labels: np.ndarra
         for kind, model in models.items():
             s, accuracy = predict_once(model, path, folder / f"predictions-{kind}.csv", labels)
             seconds[kind].append(s)
-            print(f"predict round {round_} {kind}: {n} images in {s:.2f} s = {n / s:.0f} images/s, "
-                  f"accuracy {accuracy:.2%}", flush=True)
+            print(
+                f"predict round {round_} {kind}: {n} images in {s:.2f} s = {n / s:.0f} images/s, "
+                f"accuracy {accuracy:.2%}",
+                flush=True,
+            )
     command = {kind: n / statistics.median(s) for kind, s in seconds.items()}
     x = torch.from_numpy(images)[:, None].float() / 255
     alone = {kind: model_speed(model, x, repeats) for kind, model in models.items()}
     for name, speed in (("command", command), ("model alone", alone)):
-        print(f"predict {name} images/s (median of {repeats}): checkpoint {speed['checkpoint']:.0f}, "
-              f"onnx {speed['onnx']:.0f}; onnx/checkpoint {speed['onnx'] / speed['checkpoint']:.2f}x")
+        print(
+            f"predict {name} images/s (median of {repeats}): checkpoint {speed['checkpoint']:.0f}, "
+            f"onnx {speed['onnx']:.0f}; onnx/checkpoint {speed['onnx'] / speed['checkpoint']:.2f}x"
+        )
 
 
 # ---------------------------------------------------------------------------- serve
@@ -141,8 +161,11 @@ class Load:
         parts = urllib.parse.urlsplit(url)
         self.host, self.port = parts.hostname, parts.port
         # what the page's fetch() sends: the server refuses other origins
-        self.headers = {"Content-Type": "image/png", "Origin": f"{parts.scheme}://{parts.netloc}",
-                        "Sec-Fetch-Site": "same-origin"}
+        self.headers = {
+            "Content-Type": "image/png",
+            "Origin": f"{parts.scheme}://{parts.netloc}",
+            "Sec-Fetch-Site": "same-origin",
+        }
         self.bodies, self.labels = bodies, labels
         self.next = itertools.count()
         self.lock = threading.Lock()
@@ -184,15 +207,27 @@ class Load:
         return time.perf_counter() - start
 
 
-def bench_serve(onnx: Path, images: np.ndarray, labels: np.ndarray, folder: Path, clients: int,
-                requests: int) -> None:
+def bench_serve(onnx: Path, images: np.ndarray, labels: np.ndarray, folder: Path, clients: int, requests: int) -> None:
     picks = np.arange(requests) % len(images)
     bodies = [canvas_png(images[i]) for i in picks]
     log = folder / "serve.log"
     with log.open("w") as stderr:
-        server = subprocess.Popen([sys.executable, "-m", "digitnet.cli", "serve", str(onnx), "--port", "0",
-                                   "--collect-dir", str(folder / "collect")],
-                                  stdout=subprocess.PIPE, stderr=stderr, text=True)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "digitnet.cli",
+                "serve",
+                str(onnx),
+                "--port",
+                "0",
+                "--collect-dir",
+                str(folder / "collect"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
     try:
         line = server.stdout.readline()  # printed once the server listens
         if " on http://" not in line:
@@ -208,9 +243,11 @@ def bench_serve(onnx: Path, images: np.ndarray, labels: np.ndarray, folder: Path
         print(f"serve error: {error}", file=sys.stderr)
     ms = sorted(1000 * s for s in load.latencies) or [float("nan")]
     p50, p99 = (ms[min(len(ms) - 1, int(q * len(ms)))] for q in (0.50, 0.99))
-    print(f"serve: {clients} clients, {requests} requests in {seconds:.2f} s = {requests / seconds:.1f} requests/s, "
-          f"latency p50 {p50:.1f} ms, p99 {p99:.1f} ms, errors {len(load.errors)}, "
-          f"accuracy {load.correct / max(1, len(load.latencies)):.2%}")
+    print(
+        f"serve: {clients} clients, {requests} requests in {seconds:.2f} s = {requests / seconds:.1f} requests/s, "
+        f"latency p50 {p50:.1f} ms, p99 {p99:.1f} ms, errors {len(load.errors)}, "
+        f"accuracy {load.correct / max(1, len(load.latencies)):.2%}"
+    )
 
 
 def main() -> None:

@@ -58,15 +58,27 @@ def run_sweep(sweep_name: str, pruner: str, seed: int, overrides: list[str], out
     out.mkdir(parents=True, exist_ok=True)
     # A mapping would merge into the sweep's own pruner mapping: reset that first.
     reset = ["hydra.sweeper.pruner=none"] if pruner.startswith("{") else []
-    command = [sys.executable, "train.py", "-m", f"sweep={sweep_name}", *reset, f"hydra.sweeper.pruner={pruner}",
-               f"hydra.sweeper.seed={seed}", *overrides, f"hydra.sweep.dir={out}",
-               f"registry.url=sqlite:///{out / 'registry.db'}", *COMMON]
+    command = [
+        sys.executable,
+        "train.py",
+        "-m",
+        f"sweep={sweep_name}",
+        *reset,
+        f"hydra.sweeper.pruner={pruner}",
+        f"hydra.sweeper.seed={seed}",
+        *overrides,
+        f"hydra.sweep.dir={out}",
+        f"registry.url=sqlite:///{out / 'registry.db'}",
+        *COMMON,
+    ]
     record = out / "benchmark.json"
     if record.is_file() and not fresh:
         done = json.loads(record.read_text())
         if done["command"] != command[1:]:
-            print(f"error: {out} holds a sweep of another command; give another --out, or --fresh to "
-                  "replace it", file=sys.stderr)
+            print(
+                f"error: {out} holds a sweep of another command; give another --out, or --fresh to replace it",
+                file=sys.stderr,
+            )
             sys.exit(2)
         return done["seconds"]
     for old in out.glob("study.db*"):  # an unfinished or replaced sweep: start afresh
@@ -89,8 +101,7 @@ def load(out: Path) -> optuna.Study:
 
 def param_overrides(trial: FrozenTrial) -> list[str]:
     """The trial's parameters as overrides, in the order the sweeper suggested them."""
-    return [arg for arg in shlex.split(trial.user_attrs["command"])
-            if arg.split("=", 1)[0] in trial.params]
+    return [arg for arg in shlex.split(trial.user_attrs["command"]) if arg.split("=", 1)[0] in trial.params]
 
 
 class Curves:
@@ -127,8 +138,12 @@ class Curves:
 
 def replay(baseline: optuna.Study, pruner: str, seed: int, curves: Curves) -> optuna.Study:
     """The sweep under ``pruner``, each trial's curve reported epoch by epoch as its callback does."""
-    study = optuna.create_study(study_name=baseline.study_name, direction=baseline.direction,
-                                pruner=make_pruner(_spec(pruner)), sampler=make_sampler("tpe", seed))
+    study = optuna.create_study(
+        study_name=baseline.study_name,
+        direction=baseline.direction,
+        pruner=make_pruner(_spec(pruner)),
+        sampler=make_sampler("tpe", seed),
+    )
     template = baseline.trials[0]  # the search space and the order the sweeper suggests it in
     order = [arg.split("=", 1)[0] for arg in param_overrides(template)]
     for _ in baseline.trials:
@@ -181,21 +196,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sweep", default="quick", help="a conf/sweep/ name")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="sampler seeds (hydra.sweeper.seed)")
-    parser.add_argument("--pruner", action="append", default=[], metavar="NAME",
-                        help=f"compare only these (repeatable): {', '.join(PRUNERS)}")
-    parser.add_argument("--spec", action="append", default=[], metavar="NAME=SPEC",
-                        help="another pruner to compare, e.g. 'm2={name:median,n_warmup_steps:2}' (repeatable)")
+    parser.add_argument(
+        "--pruner",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=f"compare only these (repeatable): {', '.join(PRUNERS)}",
+    )
+    parser.add_argument(
+        "--spec",
+        action="append",
+        default=[],
+        metavar="NAME=SPEC",
+        help="another pruner to compare, e.g. 'm2={name:median,n_warmup_steps:2}' (repeatable)",
+    )
     parser.add_argument("--override", action="append", default=[], help="an override for every sweep (repeatable)")
-    parser.add_argument("--out", type=Path, default=ROOT / "sweeps" / "pruning-benchmark",
-                        help="sweeps and trained curves; finished ones here are reused")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "sweeps" / "pruning-benchmark",
+        help="sweeps and trained curves; finished ones here are reused",
+    )
     parser.add_argument("--real", action="store_true", help="run every pruner's sweep for real, not replayed")
     parser.add_argument("--fresh", action="store_true", help="rerun sweeps even if a finished one is there")
     args = parser.parse_args()
 
     unknown = [name for name in args.pruner if name not in PRUNERS]
     if unknown:
-        print(f"error: unknown pruner {unknown[0]!r}; choose from {', '.join(PRUNERS)} or give --spec NAME=SPEC",
-              file=sys.stderr)
+        print(
+            f"error: unknown pruner {unknown[0]!r}; choose from {', '.join(PRUNERS)} or give --spec NAME=SPEC",
+            file=sys.stderr,
+        )
         sys.exit(2)
     bad = [spec for spec in args.spec if "=" not in spec]
     if bad:
@@ -222,8 +253,11 @@ def main() -> None:
             else:
                 rows[seed, name] = summary(replay(baseline, spec, seed, curves))
             row = rows[seed, name]
-            print(f"seed {seed} {name}: {row['epochs']} epochs, best {row['best']:.4f}, "
-                  f"{row['complete']} complete / {row['pruned']} pruned", flush=True)
+            print(
+                f"seed {seed} {name}: {row['epochs']} epochs, best {row['best']:.4f}, "
+                f"{row['complete']} complete / {row['pruned']} pruned",
+                flush=True,
+            )
         if not args.real:
             print(f"seed {seed}: {curves.trained} trial(s) with parameters the baseline did not train", flush=True)
 
@@ -232,11 +266,15 @@ def main() -> None:
     print("seed  pruner            epochs  ratio  best     vs none  complete  pruned  late complete  wall s  ratio")
     for (seed, name), row in rows.items():
         base = rows[seed, "none"]
-        print(f"{seed:4d}  {name:16s}  {row['epochs']:6d}  {row['epochs'] / base['epochs']:5.2f}  "
-              f"{row['best']:.4f}  {row['best'] - base['best']:+.4f}  {row['complete']:8d}  {row['pruned']:6d}  "
-              f"{row['late_complete']:13d}  {row['seconds']:6.0f}  {row['seconds'] / base['seconds']:5.2f}")
-    print("(ratio: against no pruning with the same seed; late complete: trials of the second half that ran "
-          "every epoch; wall s: with --real the sweeps' own, else the sum of the trials' measured seconds)")
+        print(
+            f"{seed:4d}  {name:16s}  {row['epochs']:6d}  {row['epochs'] / base['epochs']:5.2f}  "
+            f"{row['best']:.4f}  {row['best'] - base['best']:+.4f}  {row['complete']:8d}  {row['pruned']:6d}  "
+            f"{row['late_complete']:13d}  {row['seconds']:6.0f}  {row['seconds'] / base['seconds']:5.2f}"
+        )
+    print(
+        "(ratio: against no pruning with the same seed; late complete: trials of the second half that ran "
+        "every epoch; wall s: with --real the sweeps' own, else the sum of the trials' measured seconds)"
+    )
 
 
 if __name__ == "__main__":

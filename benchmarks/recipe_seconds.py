@@ -26,23 +26,37 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(recipe: str, seed: int, overrides: list[str], run_dir: Path) -> dict:
-    command = [sys.executable, str(ROOT / "train.py"), f"experiment={recipe}", f"seed={seed}", *overrides,
-               "registry.enabled=false", "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"]
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        f"experiment={recipe}",
+        f"seed={seed}",
+        *overrides,
+        "registry.enabled=false",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={run_dir}",
+    ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"run failed: {shlex.join(command)}\n{done.stderr.strip()[-2000:]}")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     if "test/acc" not in metrics:
-        sys.exit(f"run wrote no test/acc: {shlex.join(command)}\n"
-                 "this benchmark reports test accuracy beside the seconds: leave test=true")
+        sys.exit(
+            f"run wrote no test/acc: {shlex.join(command)}\n"
+            "this benchmark reports test accuracy beside the seconds: leave test=true"
+        )
     return metrics
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default="speedrun_mnist", help="a conf/experiment/ name")
-    parser.add_argument("--variant", action="append", default=[],
-                        help="overrides for one variant, in one shell-quoted string (repeatable)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="overrides for one variant, in one shell-quoted string (repeatable)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[1])
     parser.add_argument("--repeats", type=int, default=3, help="rounds over all seeds and variants")
     parser.add_argument("--override", action="append", default=[], help="an override for every run (repeatable)")
@@ -59,8 +73,11 @@ def main() -> None:
                     metrics = run(args.recipe, seed, [*overrides, *args.override], next(run_dirs))
                     seconds[name].append(metrics["train_seconds"])
                     accuracy[name, seed] = metrics["test/acc"]
-                    print(f"round {round_} seed {seed} {name}: train_seconds {metrics['train_seconds']:.1f} "
-                          f"test/acc {metrics['test/acc']:.4f}", flush=True)
+                    print(
+                        f"round {round_} seed {seed} {name}: train_seconds {metrics['train_seconds']:.1f} "
+                        f"test/acc {metrics['test/acc']:.4f}",
+                        flush=True,
+                    )
 
     base = statistics.median(seconds[args.recipe])
     print("\nmedian s  ratio  test/acc per seed  variant: all train_seconds")

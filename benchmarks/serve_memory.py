@@ -14,9 +14,9 @@ import argparse
 import collections
 import http.client
 import io
+import socket
 import subprocess
 import sys
-import socket
 import threading
 import time
 import urllib.parse
@@ -87,16 +87,18 @@ def main() -> None:
     args = parser.parse_args()
 
     body = max_size_drawing()
-    server = subprocess.Popen([sys.executable, "-m", "digitnet.cli", "serve", args.model, "--port", "0"],
-                              stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "digitnet.cli", "serve", args.model, "--port", "0"], stdout=subprocess.PIPE, text=True
+    )
     try:
         url = server.stdout.readline().split(" on ")[1].split()[0]
         statuses: collections.Counter = collections.Counter()
         wait_until_listening(url)
         client(url, body, 1, statuses)  # warm up: the model and the decoders are loaded
         before = memory_kb(server.pid)
-        threads = [threading.Thread(target=client, args=(url, body, args.requests, statuses))
-                   for _ in range(args.clients)]
+        threads = [
+            threading.Thread(target=client, args=(url, body, args.requests, statuses)) for _ in range(args.clients)
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:

@@ -67,13 +67,25 @@ def run_ours(overrides: list[str], device: str, batches: int, warmup: int) -> tu
     """Images/s of the composed command's training steps, and the run's metrics.json."""
     with tempfile.TemporaryDirectory() as run_dir:
         with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-            cfg = compose("train", overrides=[
-                *COMMAND, *overrides, f"trainer.accelerator={'gpu' if device == 'cuda' else device}",
-                "trainer.devices=1", "trainer.max_epochs=1", f"trainer.limit_train_batches={batches}",
-                "trainer.limit_val_batches=1", "test=false", "callbacks.onnx_export=null", "registry.enabled=false",
-                "print_config=false", f"+callbacks.stopwatch._target_={__name__}.Stopwatch",
-                f"+callbacks.stopwatch.warmup={warmup}", f"paths.output_dir={run_dir}",
-            ])
+            cfg = compose(
+                "train",
+                overrides=[
+                    *COMMAND,
+                    *overrides,
+                    f"trainer.accelerator={'gpu' if device == 'cuda' else device}",
+                    "trainer.devices=1",
+                    "trainer.max_epochs=1",
+                    f"trainer.limit_train_batches={batches}",
+                    "trainer.limit_val_batches=1",
+                    "test=false",
+                    "callbacks.onnx_export=null",
+                    "registry.enabled=false",
+                    "print_config=false",
+                    f"+callbacks.stopwatch._target_={__name__}.Stopwatch",
+                    f"+callbacks.stopwatch.warmup={warmup}",
+                    f"paths.output_dir={run_dir}",
+                ],
+            )
         train(cfg)
         metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
     return (batches - warmup) * BATCH / Stopwatch.last.seconds, metrics
@@ -81,10 +93,13 @@ def run_ours(overrides: list[str], device: str, batches: int, warmup: int) -> tu
 
 def run_classic(device: str, batches: int, warmup: int) -> float:
     """Images/s of the classic script's training steps."""
-    transform = transforms.Compose([
-        transforms.RandomAffine(10, translate=(0.1, 0.1), scale=(0.9, 1.1)),
-        transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,)),
-    ])
+    transform = transforms.Compose(
+        [
+            transforms.RandomAffine(10, translate=(0.1, 0.1), scale=(0.9, 1.1)),
+            transforms.ToTensor(),
+            transforms.Normalize((0.1307,), (0.3081,)),
+        ]
+    )
     dataset = torchvision.datasets.MNIST(str(data_root()), train=True, transform=transform, download=False)
     loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=1)
     net = build_backbone("cnn").to(device)
@@ -122,14 +137,18 @@ def measure(device: str, args) -> None:
         for name, run in runs.items():
             results[name].append(run())
 
-    print(f"\n{device} ({torch.get_num_threads()} threads): batch {BATCH}, batches {args.warmup}-{args.batches} "
-          f"timed, medians of {args.repeats}")
+    print(
+        f"\n{device} ({torch.get_num_threads()} threads): batch {BATCH}, batches {args.warmup}-{args.batches} "
+        f"timed, medians of {args.repeats}"
+    )
     classic = statistics.median(results["classic script (1 worker)"])
     for name, values in results.items():
         median = statistics.median(values)
         runs_text = ", ".join(f"{v:.0f}" for v in values)
-        print(f"  {median:7.0f} images/s  {median / classic:5.2f}x  {name}  [{chosen.get(name, 'float32')}] "
-              f"(runs: {runs_text})")
+        print(
+            f"  {median:7.0f} images/s  {median / classic:5.2f}x  {name}  [{chosen.get(name, 'float32')}] "
+            f"(runs: {runs_text})"
+        )
 
 
 def main() -> None:
@@ -137,8 +156,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=200, help="training batches per run")
     parser.add_argument("--warmup", type=int, default=20, help="batches before the clock starts")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--variant", action="append", default=[],
-                        help="also run ours with these space-separated overrides (repeatable)")
+    parser.add_argument(
+        "--variant", action="append", default=[], help="also run ours with these space-separated overrides (repeatable)"
+    )
     args = parser.parse_args()
     for device in ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]:
         measure(device, args)

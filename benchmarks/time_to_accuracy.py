@@ -11,7 +11,8 @@ or above `--target`, at the end of its schedule, or after `--max-seconds`.
 
     python benchmarks/time_to_accuracy.py --recipe speedrun_mnist --target 0.99
     # what an option buys: the recipe as it is and with overrides, in one process
-    python benchmarks/time_to_accuracy.py --variant module.channels_last=false --variant module.compile=true --no-classic
+    python benchmarks/time_to_accuracy.py --no-classic \
+        --variant module.channels_last=false --variant module.compile=true
 """
 
 from __future__ import annotations
@@ -112,8 +113,14 @@ def run_recipe(recipe: str, overrides: list[str], seed: int, args) -> TrainingCl
         return accuracy(module, test_x, labels)
 
     clock = TrainingClock(evaluate, args.eval_every, args.target, args.max_seconds)
-    trainer = instantiate(cfg.trainer, callbacks=[ClockCallback(clock)], logger=False, enable_checkpointing=False,
-                          enable_progress_bar=False, enable_model_summary=False)
+    trainer = instantiate(
+        cfg.trainer,
+        callbacks=[ClockCallback(clock)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule)
     return clock
 
@@ -151,8 +158,12 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=600, help="training-second budget of each run")
     parser.add_argument("--classic-epochs", type=int, default=14)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--variant", action="append", default=[],
-                        help="also run the recipe with these space-separated overrides (repeatable)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="also run the recipe with these space-separated overrides (repeatable)",
+    )
     parser.add_argument("--no-classic", action="store_true", help="skip the classic example")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()

@@ -53,9 +53,17 @@ def compose_config(*overrides: str, output_dir: Path):
 def run_train(*overrides: str, run_dir: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """`python train.py` as a user runs it, in its own process."""
     return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *overrides, f"hydra.run.dir={run_dir}",
-         "trainer.enable_progress_bar=false"],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            *overrides,
+            f"hydra.run.dir={run_dir}",
+            "trainer.enable_progress_bar=false",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
     )
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-
 # the databases a test can run on, for a fixture's params; the PostgreSQL one starts a server
 BACKENDS = ("sqlite", pytest.param("postgresql", marks=pytest.mark.postgres))
 

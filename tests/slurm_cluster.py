@@ -41,8 +41,9 @@ class SlurmCluster:
         """Job id (array tasks: <array job>_<task>) -> final state (COMPLETED, FAILED, CANCELLED, ...)
         of every finished job, from the job-completion log (`sacct -c` lists array tasks by their
         own job ids; the fixture's sacct names them as submitit and slurmdbd do)."""
-        out = subprocess.run(["sacct", "-n", "-P", "-o", "JobID,State"], capture_output=True, text=True,
-                             check=True).stdout
+        out = subprocess.run(
+            ["sacct", "-n", "-P", "-o", "JobID,State"], capture_output=True, text=True, check=True
+        ).stdout
         return dict(line.split("|")[:2] for line in out.splitlines() if "|" in line)
 
     def queue(self) -> list[str]:
@@ -122,8 +123,7 @@ def _sacct_shim(root: Path) -> Path:
     bin_dir = root / "bin"
     bin_dir.mkdir()
     shim = bin_dir / "sacct"
-    shim.write_text(SACCT.format(python=sys.executable, sacct=shutil.which("sacct"),
-                                 log=root / "log" / "jobcomp.txt"))
+    shim.write_text(SACCT.format(python=sys.executable, sacct=shutil.which("sacct"), log=root / "log" / "jobcomp.txt"))
     shim.chmod(0o755)
     return bin_dir
 
@@ -141,7 +141,9 @@ def _wait_for_node(deadline_s: float, root: Path) -> None:
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    missing = [d for d in DAEMONS if not os.access(d, os.X_OK)] + [c for c in ("sbatch", "sacct") if not shutil.which(c)]
+    missing = [d for d in DAEMONS if not os.access(d, os.X_OK)] + [
+        c for c in ("sbatch", "sacct") if not shutil.which(c)
+    ]
     if missing:
         pytest.fail(f"SLURM not installed ({', '.join(missing)} missing): apt-get install -y slurm-wlm munge")
     if os.geteuid() != 0:
@@ -172,9 +174,18 @@ def slurm_cluster():
         patch.setenv("SLURM_CONF", str(conf))
         patch.setenv("PATH", f"{_sacct_shim(root)}{os.pathsep}{os.environ['PATH']}")
         try:
-            run("runuser", "-u", "munge", "--", DAEMONS[0], f"--socket={munge / 'munge.socket'}",
-                f"--key-file={key}", f"--pid-file={pid_files[0]}", f"--log-file={munge / 'munged.log'}",
-                f"--seed-file={munge / 'seed'}")
+            run(
+                "runuser",
+                "-u",
+                "munge",
+                "--",
+                DAEMONS[0],
+                f"--socket={munge / 'munge.socket'}",
+                f"--key-file={key}",
+                f"--pid-file={pid_files[0]}",
+                f"--log-file={munge / 'munged.log'}",
+                f"--seed-file={munge / 'seed'}",
+            )
             run(DAEMONS[1], "-f", str(conf))
             run(DAEMONS[2], "-f", str(conf))
             _wait_for_node(30, root)

@@ -47,7 +47,10 @@ def test_mnist_with_other_than_ten_classes_stops_before_training(real_data, tmp_
 
     # eleven names: every MNIST label has one, so only the exercise's contract is broken
     cfg = compose_config("data.class_names=[0,1,2,3,4,5,6,7,8,9,ten]", *SHORT, output_dir=tmp_path)
-    with pytest.raises(DigitnetError, match=r"^data.name=mnist models are for the exercise, whose contract is "
-                                            r"\[1,1,28,28\] -> \[1, 10\] .* lists 11 classes; use data=custom"):
+    with pytest.raises(
+        DigitnetError,
+        match=r"^data.name=mnist models are for the exercise, whose contract is "
+        r"\[1,1,28,28\] -> \[1, 10\] .* lists 11 classes; use data=custom",
+    ):
         train(cfg)
     assert not (tmp_path / "checkpoints").exists()  # not one training step was taken

@@ -11,13 +11,13 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from omegaconf import OmegaConf
 
-from digitnet.data.augment import AUGMENTATIONS, Augment, affine_theta, _random_affine_theta, build_augment
+from digitnet.data.augment import AUGMENTATIONS, Augment, _random_affine_theta, affine_theta, build_augment
 from digitnet.errors import DigitnetError
 
 AUG_DIR = Path(__file__).resolve().parents[1] / "conf" / "aug"
 PRESETS = sorted(p.stem for p in AUG_DIR.glob("*.yaml"))
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (
-    ["mps"] if torch.backends.mps.is_available() else []
+DEVICES = (
+    ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (["mps"] if torch.backends.mps.is_available() else [])
 )
 
 
@@ -40,10 +40,10 @@ def digit_like(n: int, seed: int = 0) -> torch.Tensor:
     yy, xx = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
     cx, cy, rx, ry = r(12.5, 14.5), r(9, 12), r(3, 6), r(2.5, 4.5)
     ring = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2
-    ring_ink = torch.exp(-((ring.sqrt() - 1) * rx / 1.2) ** 2)
+    ring_ink = torch.exp(-(((ring.sqrt() - 1) * rx / 1.2) ** 2))
     slant = r(-0.3, 0.3)
     stroke_x = cx + rx + slant * (yy - cy)  # a stem hanging from the ring, like a 9
-    stroke_ink = torch.exp(-((xx - stroke_x) / 1.2) ** 2) * ((yy > cy) & (yy < 23)).float()
+    stroke_ink = torch.exp(-(((xx - stroke_x) / 1.2) ** 2)) * ((yy > cy) & (yy < 23)).float()
     return torch.maximum(ring_ink, stroke_ink).clamp(0, 1)[:, None]
 
 
@@ -140,7 +140,11 @@ def test_light_uses_torchvision_random_affine_ranges() -> None:
 def test_affine_matrix_means_what_torchvision_affine_means(angle, shift, scale) -> None:
     x = digit_like(1)
     expected = TF.affine(
-        x, angle=angle, translate=list(shift), scale=scale, shear=[0.0, 0.0],
+        x,
+        angle=angle,
+        translate=list(shift),
+        scale=scale,
+        shear=[0.0, 0.0],
         interpolation=T.InterpolationMode.BILINEAR,
     )
     theta = affine_theta(torch.tensor([angle]), torch.tensor([shift]), torch.tensor([scale]), (28, 28))
@@ -179,7 +183,7 @@ def test_erasing_with_random_values_fills_the_rectangle_with_uniform_noise() -> 
     out = run_seeded(ops(erase={"p": 1.0, "value": "random"}), x, 0)
     noise = out[out != 1.0]
     assert (out != 1.0).flatten(1).any(dim=1).all(), "every image has an erased rectangle"
-    assert 0.0 <= noise.min() and noise.max() <= 1.0
+    assert noise.min() >= 0.0 and noise.max() <= 1.0
     assert 0.45 < noise.mean() < 0.55 and noise.std() > 0.25  # U(0, 1), not one fill value
 
 
@@ -276,7 +280,10 @@ def test_explicit_generator_ignores_the_global_seed() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"warp": {"rotation": 10}}, "aug.ops.warp: RandomWarp.__init__() got an unexpected keyword argument 'rotation'"),
+        (
+            {"warp": {"rotation": 10}},
+            "aug.ops.warp: RandomWarp.__init__() got an unexpected keyword argument 'rotation'",
+        ),
         ({"erase": {"p": -0.1}}, "aug.ops.erase.p must be in [0.0, 1.0], got -0.1"),
         ({"invert": {"p": 1.5}}, "aug.ops.invert.p"),
         ({"warp": {"degrees": -1}}, "aug.ops.warp.degrees"),

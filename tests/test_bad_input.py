@@ -14,17 +14,23 @@ from digitnet.cli import run_task
 from digitnet.errors import DigitnetError
 from digitnet.train import train
 
-FAST = ("data.val_size=50", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
-        "callbacks.onnx_export.test_images=20")
+FAST = (
+    "data.val_size=50",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+    "callbacks.onnx_export.test_images=20",
+)
 
 
 def _label_200(split: str):
     """Damage the tiny dataset: one label of `split` ("train" or "t10k") becomes 200."""
+
     def damage(root: Path) -> None:
         path = root / "MNIST" / "raw" / f"{split}-labels-idx1-ubyte"
         labels = np.frombuffer(path.read_bytes()[8:], dtype=np.uint8).copy()
         labels[3] = 200
         write_idx(path, labels)
+
     damage.__name__ = f"label_200_in_{split}"
     return damage
 
@@ -46,8 +52,8 @@ def _a_file(root: Path) -> None:
 
 
 # (overrides, damage done to the tiny dataset or None, the text of the one `error:` line); `{tmp}` is the
-# test's folder (and the tiny dataset's root). Every case would otherwise fail later (mid-training, after model.onnx, after the whole
-# run) with a traceback, or be silently accepted.
+# test's folder (and the tiny dataset's root). Every case would otherwise fail later (mid-training, after
+# model.onnx, after the whole run) with a traceback, or be silently accepted.
 CASES = [
     # data
     (["data.batch_size=0"], None, "data.batch_size=0 must be a positive integer"),
@@ -56,7 +62,11 @@ CASES = [
     (["data.class_names=[a,a]"], None, "data.class_names=['a', 'a'] must be a list of at least two different names"),
     (["data.download=maybe"], None, "data.download=maybe must be true or false"),
     (["data.seed=abc"], None, "data.seed=abc must be an integer"),
-    (["data.val_size=200"], None, "data.val_size=200 must be between 1 and 199 (the mnist training set has 200 images)"),
+    (
+        ["data.val_size=200"],
+        None,
+        "data.val_size=200 must be between 1 and 199 (the mnist training set has 200 images)",
+    ),
     (["+data.foo=1"], None, "data: DigitDataModule.__init__() got an unexpected keyword argument 'foo'"),
     ([], _label_200("train"), "the mnist train split has label 200 but data.class_names names 10 classes"),
     ([], _label_200("t10k"), "the mnist test split has label 200 but data.class_names names 10 classes"),
@@ -79,7 +89,11 @@ CASES = [
     # sched
     (["sched.pct_start=5"], None, "sched.pct_start=5 must be in (0, 1]"),
     (["sched.name=step"], None, "sched.name='step' is not one of ['cosine', 'none', 'onecycle']"),
-    (["+sched.gamma=0.1"], None, "bad settings for sched=onecycle: onecycle() got an unexpected keyword argument 'gamma'"),
+    (
+        ["+sched.gamma=0.1"],
+        None,
+        "bad settings for sched=onecycle: onecycle() got an unexpected keyword argument 'gamma'",
+    ),
     (["sched.div_factor=0"], None, "sched.div_factor=0 must be > 0"),
     (["sched=cosine", "sched.warmup_frac=2"], None, "sched.warmup_frac=2 must be in [0, 1)"),
     # trainer
@@ -92,14 +106,22 @@ CASES = [
     (["trainer.gradient_clip_val=-1"], None, "trainer.gradient_clip_val=-1 must be >= 0"),
     (["trainer.val_check_interval=0"], None, "trainer.val_check_interval=0 must be > 0"),
     # 150 training images in batches of 64: 2 batches per epoch (found when the data is read, before any logger)
-    (["trainer.val_check_interval=3"], None, "trainer.val_check_interval=3 is more than the 2 training batches of an "
-                                             "epoch (data.batch_size=64, trainer.limit_train_batches=1.0)"),
+    (
+        ["trainer.val_check_interval=3"],
+        None,
+        "trainer.val_check_interval=3 is more than the 2 training batches of an "
+        "epoch (data.batch_size=64, trainer.limit_train_batches=1.0)",
+    ),
     (["trainer.precision=banana"], None, "trainer: Precision 'banana' is invalid."),
     (["trainer.devices=0"], None, "trainer: `Trainer(devices=0)` value is not a valid input using cpu accelerator."),
     (["trainer.max_time=abc"], None, "trainer: `Timer(duration='abc')` is not a valid duration."),
     (["+trainer.foo=1"], None, "trainer: Trainer.__init__() got an unexpected keyword argument 'foo'"),
     # callbacks and logger
-    (["callbacks.model_checkpoint.monitor=val/foo"], None, "callbacks.model_checkpoint.monitor=val/foo is not a metric"),
+    (
+        ["callbacks.model_checkpoint.monitor=val/foo"],
+        None,
+        "callbacks.model_checkpoint.monitor=val/foo is not a metric",
+    ),
     (["callbacks.model_checkpoint.mode=up"], None, "callbacks.model_checkpoint: `mode` can be min, max but got up"),
     (["callbacks.early_stopping.patience=-1"], None, "callbacks.early_stopping.patience=-1 must be >= 0"),
     (["callbacks.onnx_export.test_images=0"], None, "callbacks.onnx_export.test_images=0 must be >= 1"),
@@ -117,24 +139,42 @@ CASES = [
     (["+module.dropout=0.1"], None, "module.dropout is not a training option; the options are ['channels_last',"),
     # paths and URLs
     (["init_from={tmp}"], None, "not found; pass a .ckpt file"),
-    (["callbacks.model_checkpoint.dirpath=/proc/digitnet/checkpoints"], None,
-     "callbacks.model_checkpoint.dirpath=/proc/digitnet/checkpoints cannot be written: /proc is not a folder you can "
-     "write; set callbacks.model_checkpoint.dirpath to one of yours"),
-    (["callbacks.last_checkpoint.dirpath={tmp}/a_file/checkpoints"], _a_file,
-     "callbacks.last_checkpoint.dirpath={tmp}/a_file/checkpoints cannot be written: {tmp}/a_file is not a folder"),
-    (["logger.tensorboard.save_dir={tmp}/a_file"], _a_file,
-     "logger.tensorboard.save_dir={tmp}/a_file cannot be written: {tmp}/a_file is not a folder you can write"),
-    (["logger=csv", "logger.csv.save_dir=/proc/digitnet"], None, "logger.csv.save_dir=/proc/digitnet cannot be written"),
+    (
+        ["callbacks.model_checkpoint.dirpath=/proc/digitnet/checkpoints"],
+        None,
+        "callbacks.model_checkpoint.dirpath=/proc/digitnet/checkpoints cannot be written: /proc is not a folder "
+        "you can write; set callbacks.model_checkpoint.dirpath to one of yours",
+    ),
+    (
+        ["callbacks.last_checkpoint.dirpath={tmp}/a_file/checkpoints"],
+        _a_file,
+        "callbacks.last_checkpoint.dirpath={tmp}/a_file/checkpoints cannot be written: {tmp}/a_file is not a folder",
+    ),
+    (
+        ["logger.tensorboard.save_dir={tmp}/a_file"],
+        _a_file,
+        "logger.tensorboard.save_dir={tmp}/a_file cannot be written: {tmp}/a_file is not a folder you can write",
+    ),
+    (
+        ["logger=csv", "logger.csv.save_dir=/proc/digitnet"],
+        None,
+        "logger.csv.save_dir=/proc/digitnet cannot be written",
+    ),
     (["registry.url=foo://bar"], None, "registry.url: cannot open registry foo://bar: Can't load plugin"),
     (["registry.url=notaurl"], None, "registry.url: registry url 'notaurl' is not a SQLAlchemy URL"),
     (["registry.url=sqlite:////proc/digitnet/registry.db"], None, "registry.url: cannot create /proc/digitnet"),
-    (["registry.url=postgresql+psycopg2://user:secret@127.0.0.1:1/db"], None,
-     "registry.url: registry postgresql+psycopg2://user:***@127.0.0.1:1/db: connection to server at"),
+    (
+        ["registry.url=postgresql+psycopg2://user:secret@127.0.0.1:1/db"],
+        None,
+        "registry.url: registry postgresql+psycopg2://user:***@127.0.0.1:1/db: connection to server at",
+    ),
 ]
 
 
 @pytest.mark.parametrize("overrides, damage, message", CASES, ids=[" ".join(c[0]) or c[1].__name__ for c in CASES])
-def test_bad_input_is_one_line_and_leaves_nothing(tiny_mnist, tmp_path, monkeypatch, capsys, overrides, damage, message):
+def test_bad_input_is_one_line_and_leaves_nothing(
+    tiny_mnist, tmp_path, monkeypatch, capsys, overrides, damage, message
+):
     """What `python train.py <overrides>` does with the error, in-process: exit 2, one `error:` line,
     no traceback, no run folder (nothing was written: no checkpoint, no TensorBoard events) and no
     registry database (its check before training, passed by the cases found later, creates none)."""
@@ -142,8 +182,9 @@ def test_bad_input_is_one_line_and_leaves_nothing(tiny_mnist, tmp_path, monkeypa
     if damage is not None:
         damage(tiny_mnist)
     run_dir, registry = tmp_path / "run", tmp_path / "registry" / "registry.db"
-    cfg = compose_config(*FAST, f"registry.url=sqlite:///{registry}", *(o.format(tmp=tmp_path) for o in overrides),
-                         output_dir=run_dir)
+    cfg = compose_config(
+        *FAST, f"registry.url=sqlite:///{registry}", *(o.format(tmp=tmp_path) for o in overrides), output_dir=run_dir
+    )
     with pytest.raises(SystemExit) as exit_:
         run_task(train, cfg)
     stderr = capsys.readouterr().err
@@ -165,25 +206,34 @@ def test_the_table_harness_accepts_a_good_run(tiny_mnist, tmp_path, monkeypatch)
     assert (tmp_path / "run" / "metrics.json").is_file() and registry.is_file()
 
 
-
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides, damage, message", [
-    (["data.batch_size=0"], None, "data.batch_size=0 must be a positive integer"),
-    (["trainer.precision=banana"], None, "trainer: Precision 'banana' is invalid."),
-    ([], _label_200("train"), "the mnist train split has label 200"),  # found with the TensorBoard logger built
-    (["registry.url=postgresql+psycopg2://user:secret@127.0.0.1:1/db"], None, "registry.url: registry postgresql"),
-    # Lightning itself would say it from inside fit, after the TensorBoard events file was written
-    (["trainer.val_check_interval=3"], None, "trainer.val_check_interval=3 is more than the 2 training batches"),
-    (["logger.tensorboard.save_dir={tmp}/a_file"], _a_file, "logger.tensorboard.save_dir={tmp}/a_file cannot be"),
-], ids=["validate", "trainer", "labels", "registry", "val_check_interval", "save_dir"])
-def test_command_line_prints_one_line_and_removes_the_run_dir(tiny_mnist, tmp_path, monkeypatch, overrides, damage,
-                                                              message):
+@pytest.mark.parametrize(
+    "overrides, damage, message",
+    [
+        (["data.batch_size=0"], None, "data.batch_size=0 must be a positive integer"),
+        (["trainer.precision=banana"], None, "trainer: Precision 'banana' is invalid."),
+        ([], _label_200("train"), "the mnist train split has label 200"),  # found with the TensorBoard logger built
+        (["registry.url=postgresql+psycopg2://user:secret@127.0.0.1:1/db"], None, "registry.url: registry postgresql"),
+        # Lightning itself would say it from inside fit, after the TensorBoard events file was written
+        (["trainer.val_check_interval=3"], None, "trainer.val_check_interval=3 is more than the 2 training batches"),
+        (["logger.tensorboard.save_dir={tmp}/a_file"], _a_file, "logger.tensorboard.save_dir={tmp}/a_file cannot be"),
+    ],
+    ids=["validate", "trainer", "labels", "registry", "val_check_interval", "save_dir"],
+)
+def test_command_line_prints_one_line_and_removes_the_run_dir(
+    tiny_mnist, tmp_path, monkeypatch, overrides, damage, message
+):
     monkeypatch.setenv("DIGITNET_DATA", str(tiny_mnist))
     if damage is not None:
         damage(tiny_mnist)
     registry = tmp_path / "registry" / "registry.db"
-    run = run_train(*FAST, "model=mlp", f"registry.url=sqlite:///{registry}",
-                    *(o.format(tmp=tmp_path) for o in overrides), run_dir=tmp_path / "run")
+    run = run_train(
+        *FAST,
+        "model=mlp",
+        f"registry.url=sqlite:///{registry}",
+        *(o.format(tmp=tmp_path) for o in overrides),
+        run_dir=tmp_path / "run",
+    )
     assert run.returncode == 2, run.stderr
     last = run.stderr.splitlines()[-1]
     assert last.startswith("error: ") and message.format(tmp=tmp_path) in last, last
@@ -207,7 +257,10 @@ def test_resuming_with_another_network_is_refused_before_training(tiny_mnist, tm
     train(compose_config(*short, output_dir=tmp_path / "short"))
     ckpt = tmp_path / "short" / "checkpoints" / "last.ckpt"
     for change, message in [
-        ("model.hidden=[32]", "does not fit this run's network: the checkpoint has model.hidden=[128, 64] (this run: [32])"),
+        (
+            "model.hidden=[32]",
+            "does not fit this run's network: the checkpoint has model.hidden=[128, 64] (this run: [32])",
+        ),
         ("data.class_names=[0,1,2,3,4,5,6,7,8,9,x]", "does not fit this run's network: the checkpoint has 10 classes"),
     ]:
         cfg = compose_config(*short, change, f"ckpt_path={ckpt}", output_dir=tmp_path / "resumed")
@@ -232,20 +285,35 @@ def test_missing_data_offline(tmp_path, monkeypatch):
 
 
 def test_checkpoint_of_another_model(real_data, tmp_path):
-    cfg = compose_config("model=mlp", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
-                         "trainer.limit_val_batches=1", "test=false", "logger=none", output_dir=tmp_path / "mlp")
+    cfg = compose_config(
+        "model=mlp",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "test=false",
+        "logger=none",
+        output_dir=tmp_path / "mlp",
+    )
     train(cfg)
     ckpt = tmp_path / "mlp" / "checkpoints" / "last.ckpt"
     cfg = compose_config("model=cnn", f"ckpt_path={ckpt}", "logger=none", output_dir=tmp_path / "cnn")
-    with pytest.raises(DigitnetError, match="holds a model=mlp checkpoint but this run builds model=cnn; add model=mlp"):
+    with pytest.raises(
+        DigitnetError, match="holds a model=mlp checkpoint but this run builds model=cnn; add model=mlp"
+    ):
         train(cfg)
 
 
 @pytest.mark.slow
 def test_resume_with_a_longer_schedule_says_to_fine_tune_instead(tiny_mnist, tmp_path, monkeypatch):
     monkeypatch.setenv("DIGITNET_DATA", str(tiny_mnist))
-    short = ("model=mlp", "data.val_size=50", "trainer.max_epochs=1", "test=false", "logger=none",
-             "callbacks.onnx_export=null")
+    short = (
+        "model=mlp",
+        "data.val_size=50",
+        "trainer.max_epochs=1",
+        "test=false",
+        "logger=none",
+        "callbacks.onnx_export=null",
+    )
     assert run_train(*short, run_dir=tmp_path / "short").returncode == 0
     ckpt = tmp_path / "short" / "checkpoints" / "last.ckpt"
     run = run_train(*short, "trainer.max_epochs=3", f"ckpt_path={ckpt}", run_dir=tmp_path / "longer")
@@ -256,10 +324,13 @@ def test_resume_with_a_longer_schedule_says_to_fine_tune_instead(tiny_mnist, tmp
     assert fine_tune.returncode == 0, fine_tune.stderr
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"not a checkpoint", "is not a readable PyTorch checkpoint"),
-    (None, "is not a digitnet checkpoint"),  # a real torch file without digitnet hyperparameters
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"not a checkpoint", "is not a readable PyTorch checkpoint"),
+        (None, "is not a digitnet checkpoint"),  # a real torch file without digitnet hyperparameters
+    ],
+)
 def test_unreadable_or_foreign_checkpoint(tmp_path, content, message):
     ckpt = tmp_path / "x.ckpt"
     if content is None:

@@ -13,15 +13,33 @@ from digitnet.fastpath import choose, training_device
 pytestmark = pytest.mark.slow  # the benchmark scripts, run on real data
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--override", "trainer.limit_train_batches=2", "--override", "trainer.limit_val_batches=1",
-        "--override", "trainer.limit_test_batches=1"]
+TINY = [
+    "--override",
+    "trainer.limit_train_batches=2",
+    "--override",
+    "trainer.limit_val_batches=1",
+    "--override",
+    "trainer.limit_test_batches=1",
+]
 
 
 def test_recipe_seconds_refuses_a_run_without_a_test_accuracy(real_data):
     done = subprocess.run(
-        [sys.executable, "benchmarks/recipe_seconds.py", "--recipe", "speedrun_mnist", "--repeats", "1", *TINY,
-         "--override", "test=false"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "benchmarks/recipe_seconds.py",
+            "--recipe",
+            "speedrun_mnist",
+            "--repeats",
+            "1",
+            *TINY,
+            "--override",
+            "test=false",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 1
     assert "run wrote no test/acc" in done.stderr and "leave test=true" in done.stderr
@@ -30,14 +48,32 @@ def test_recipe_seconds_refuses_a_run_without_a_test_accuracy(real_data):
 
 def test_recipe_seconds_interleaves_the_recipe_and_a_variant_and_summarises_both(real_data):
     done = subprocess.run(
-        [sys.executable, "benchmarks/recipe_seconds.py", "--recipe", "speedrun_mnist", "--seeds", "3", "--repeats", "2",
-         "--variant", '"model.widths=[8,16,32]"', *TINY],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "benchmarks/recipe_seconds.py",
+            "--recipe",
+            "speedrun_mnist",
+            "--seeds",
+            "3",
+            "--repeats",
+            "2",
+            "--variant",
+            '"model.widths=[8,16,32]"',
+            *TINY,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     runs = [line.split(":")[0] for line in done.stdout.splitlines() if line.startswith("round")]
-    assert runs == ["round 1 seed 3 speedrun_mnist", 'round 1 seed 3 "model.widths=[8,16,32]"',
-                    "round 2 seed 3 speedrun_mnist", 'round 2 seed 3 "model.widths=[8,16,32]"']
+    assert runs == [
+        "round 1 seed 3 speedrun_mnist",
+        'round 1 seed 3 "model.widths=[8,16,32]"',
+        "round 2 seed 3 speedrun_mnist",
+        'round 2 seed 3 "model.widths=[8,16,32]"',
+    ]
     summary = done.stdout.split("median s")[1].splitlines()[1:]
     assert summary[0].split()[1] == "1.00"  # the recipe against itself
     fields, seconds = summary[1].rsplit(": ", 1)
@@ -48,9 +84,24 @@ def test_recipe_seconds_interleaves_the_recipe_and_a_variant_and_summarises_both
 
 def test_inference_benchmark_predicts_and_serves_real_images_without_errors(real_data):
     done = subprocess.run(
-        [sys.executable, "benchmarks/inference.py", "--train-batches", "20", "--images", "200", "--repeats", "1",
-         "--clients", "20", "--requests", "40"],
-        cwd=ROOT, capture_output=True, text=True, timeout=1200,
+        [
+            sys.executable,
+            "benchmarks/inference.py",
+            "--train-batches",
+            "20",
+            "--images",
+            "200",
+            "--repeats",
+            "1",
+            "--clients",
+            "20",
+            "--requests",
+            "40",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
@@ -72,9 +123,22 @@ def test_inference_benchmark_predicts_and_serves_real_images_without_errors(real
 
 def test_throughput_times_the_defaults_and_a_variant_against_the_classic_script(real_data):
     done = subprocess.run(
-        [sys.executable, "benchmarks/throughput.py", "--batches", "4", "--warmup", "1", "--repeats", "1",
-         "--variant", "trainer.precision=32-true module.channels_last=false"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "benchmarks/throughput.py",
+            "--batches",
+            "4",
+            "--warmup",
+            "1",
+            "--repeats",
+            "1",
+            "--variant",
+            "trainer.precision=32-true module.channels_last=false",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line.split() for line in done.stdout.splitlines() if "images/s" in line]

@@ -12,8 +12,12 @@ from digitnet.cli import COMMANDS, main
 
 
 def test_version_and_commands_are_listed(capsys):
-    assert subprocess.run([sys.executable, "-m", "digitnet.cli", "--version"], capture_output=True,
-                          text=True).stdout.strip() == f"digitnet {__version__}"
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "digitnet.cli", "--version"], capture_output=True, text=True
+        ).stdout.strip()
+        == f"digitnet {__version__}"
+    )
     with pytest.raises(SystemExit) as exit_:
         main(["-h"])
     assert exit_.value.code == 0

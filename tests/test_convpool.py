@@ -60,11 +60,14 @@ def test_convpool_global_pool_uses_every_position_of_the_last_map():
     assert torch.equal(net[-4](feats).flatten(), feats.amax(dim=(2, 3)).flatten())
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"widths": [8, 16, 32, 64], "space_to_depth": 2}, "4 stages"),
-    ({"widths": [8] * 5}, "5 stages"),
-    ({"widths": [8], "space_to_depth": 3}, "must divide"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"widths": [8, 16, 32, 64], "space_to_depth": 2}, "4 stages"),
+        ({"widths": [8] * 5}, "5 stages"),
+        ({"widths": [8], "space_to_depth": 3}, "must divide"),
+    ],
+)
 def test_convpool_refuses_settings_that_do_not_fit_the_image(settings, message):
     with pytest.raises(DigitnetError, match=message):
         build_backbone("convpool", **settings)

@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 
 from conftest import REPO, compose_config
+from digitnet.checkpoint import load_checkpoint
 from digitnet.data.datamodule import DigitDataModule
 from digitnet.data.folder import load_folder_split, split_files
 from digitnet.data.idx import load_split
 from digitnet.errors import DigitnetError
-from digitnet.checkpoint import load_checkpoint
 from digitnet.train import build_module, init_weights
 from tiny_run import tiny_run
 
@@ -141,11 +141,14 @@ def test_init_from_loads_the_checkpoint_weights(trained, tmp_path):
     assert all(torch.equal(v, expected[k]) for k, v in module.net.state_dict().items())
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (("model=cnn",), "holds a model=mlp checkpoint but this run builds model=cnn; add model=mlp"),
-    (("model=mlp", "model.hidden=[32]"), "does not fit this run's model"),
-    (("model=mlp", "ckpt_path=last.ckpt"), "either ckpt_path .* or init_from"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (("model=cnn",), "holds a model=mlp checkpoint but this run builds model=cnn; add model=mlp"),
+        (("model=mlp", "model.hidden=[32]"), "does not fit this run's model"),
+        (("model=mlp", "ckpt_path=last.ckpt"), "either ckpt_path .* or init_from"),
+    ],
+)
 def test_init_from_refuses_another_model(trained, tmp_path, mnist_test, monkeypatch, overrides, message):
     from digitnet.train import train
 
@@ -153,7 +156,9 @@ def test_init_from_refuses_another_model(trained, tmp_path, mnist_test, monkeypa
     _folder(tmp_path, {str(k): 3 for k in range(10)}, mnist_test)
     (tmp_path / "last.ckpt").write_bytes(trained.checkpoint.read_bytes())
     overrides = [o.replace("last.ckpt", str(tmp_path / "last.ckpt")) for o in overrides]
-    cfg = compose_config("data=custom", *overrides, f"init_from='{trained.checkpoint}'", *QUIET, output_dir=tmp_path / "run")
+    cfg = compose_config(
+        "data=custom", *overrides, f"init_from='{trained.checkpoint}'", *QUIET, output_dir=tmp_path / "run"
+    )
     with pytest.raises(DigitnetError, match=message):
         train(cfg)
 
@@ -164,8 +169,16 @@ def test_custom_training_runs_with_every_aug_preset(trained, tmp_path, mnist_tes
 
     monkeypatch.setenv("DIGITNET_DATA", str(tmp_path))
     _folder(tmp_path, {str(k): 8 for k in range(10)}, mnist_test)
-    cfg = compose_config("data=custom", "model=mlp", f"aug={aug}", "trainer.max_epochs=1", "callbacks.onnx_export=null",
-                         f"init_from='{trained.checkpoint}'", *QUIET, output_dir=tmp_path / "run")
+    cfg = compose_config(
+        "data=custom",
+        "model=mlp",
+        f"aug={aug}",
+        "trainer.max_epochs=1",
+        "callbacks.onnx_export=null",
+        f"init_from='{trained.checkpoint}'",
+        *QUIET,
+        output_dir=tmp_path / "run",
+    )
     train(cfg)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["epochs"] == 1 and 0 <= metrics["test/acc"] <= 1 and np.isfinite(metrics["train/loss"])
@@ -182,8 +195,17 @@ def test_three_named_classes_train_export_evaluate_predict_and_serve(tmp_path, m
     for digit, name in (("0", "a"), ("1", "b"), ("7", "c")):
         (folder / digit).rename(folder / name)
     run = tmp_path / "run"
-    train(compose_config("data=custom", "data.class_names=[a,b,c]", "model=mlp", "sched=none", "trainer.max_epochs=3",
-                         *QUIET, output_dir=run))
+    train(
+        compose_config(
+            "data=custom",
+            "data.class_names=[a,b,c]",
+            "model=mlp",
+            "sched=none",
+            "trainer.max_epochs=3",
+            *QUIET,
+            output_dir=run,
+        )
+    )
     checkpoint = Path(json.loads((run / "metrics.json").read_text())["best_checkpoint"])
 
     exported = tmp_path / "exported.onnx"
@@ -192,9 +214,20 @@ def test_three_named_classes_train_export_evaluate_predict_and_serve(tmp_path, m
     assert json.loads({p.key: p.value for p in proto.metadata_props}["class_names"]) == ["a", "b", "c"]
     assert [d.dim_value for d in proto.graph.output[0].type.tensor_type.shape.dim] == [1, 3]
 
-    evaluation = subprocess.run([sys.executable, str(REPO / "eval.py"), f"ckpt_path={checkpoint}", "logger=none",
-                                 "progress_bar=false", f"hydra.run.dir={tmp_path / 'eval'}"],
-                                capture_output=True, text=True, timeout=600, cwd=REPO)
+    evaluation = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "eval.py"),
+            f"ckpt_path={checkpoint}",
+            "logger=none",
+            "progress_bar=false",
+            f"hydra.run.dir={tmp_path / 'eval'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert evaluation.returncode == 0, evaluation.stderr
     report = json.loads((tmp_path / "eval" / "eval_metrics.json").read_text())
     test_images = len(split_files(folder, "test", ["a", "b", "c"]))

@@ -30,10 +30,22 @@ def sweep(real_data, tmp_path_factory) -> Path:
     """Where `python train.py -m ... logger=mlflow` ran: sweeps/tiny/study.db and outputs/mlflow.db."""
     cwd = tmp_path_factory.mktemp("sweep")
     done = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "-m", *TINY, "trainer.max_epochs=1", "logger=mlflow",
-         "model.dropout=0.0,0.1", f"hydra.sweeper.study_name={STUDY}", "hydra.sweeper.n_trials=2",
-         "hydra.sweeper.sampler=grid"],
-        cwd=cwd, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            "-m",
+            *TINY,
+            "trainer.max_epochs=1",
+            "logger=mlflow",
+            "model.dropout=0.0,0.1",
+            f"hydra.sweeper.study_name={STUDY}",
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.sampler=grid",
+        ],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return cwd
@@ -47,8 +59,13 @@ def web_ui(*command: str, cwd: Path):
         port = free.getsockname()[1]
     binary = str(Path(sys.executable).parent / command[0])
     with (cwd / f"{command[0]}.log").open("w") as log:
-        server = subprocess.Popen([binary, *command[1:], "--host", "127.0.0.1", "--port", str(port)],
-                                  cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(
+            [binary, *command[1:], "--host", "127.0.0.1", "--port", str(port)],
+            cwd=cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

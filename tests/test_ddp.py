@@ -30,8 +30,15 @@ BATCH = 2048  # per process: an epoch is ceil(55,000 / 3) // 2048 = 8 steps in e
 def ddp_run(real_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     url = f"sqlite:///{root / 'registry.db'}"
-    result = run_train("trainer=ddp_cpu", f"trainer.devices={PROCESSES}", "model=mlp", "trainer.max_epochs=1",
-                       f"data.batch_size={BATCH}", f"registry.url={url}", run_dir=root / "run")
+    result = run_train(
+        "trainer=ddp_cpu",
+        f"trainer.devices={PROCESSES}",
+        "model=mlp",
+        "trainer.max_epochs=1",
+        f"data.batch_size={BATCH}",
+        f"registry.url={url}",
+        run_dir=root / "run",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "run", url, result.stdout + result.stderr
 
@@ -52,9 +59,17 @@ def test_a_ddp_run_tests_every_image_once_like_eval_py(ddp_run, tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["test/images"] == metrics["test/split_images"] == 10_000
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        cfg = compose("eval", overrides=[f"ckpt_path='{metrics['best_checkpoint']}'", "progress_bar=false",
-                                         "logger=none", "~robustness", "+robustness={rotation: [0]}",
-                                         f"paths.output_dir={tmp_path}"])
+        cfg = compose(
+            "eval",
+            overrides=[
+                f"ckpt_path='{metrics['best_checkpoint']}'",
+                "progress_bar=false",
+                "logger=none",
+                "~robustness",
+                "+robustness={rotation: [0]}",
+                f"paths.output_dir={tmp_path}",
+            ],
+        )
     assert metrics["test/acc"] == pytest.approx(evaluate(cfg), abs=1e-6)  # one image is 1e-4
 
 
@@ -71,10 +86,24 @@ def test_one_training_over_two_slurm_tasks_ends_once(real_data, slurm_cluster, t
     url = f"sqlite:///{tmp_path / 'registry.db'}"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # the script's `python`
     job = subprocess.run(
-        ["sbatch", "--wait", "--parsable", f"--output={tmp_path / 'job.out'}", "slurm/train.sbatch", "model=mlp",
-         "trainer.max_epochs=1", "trainer.limit_train_batches=20", "trainer.enable_progress_bar=false",
-         f"registry.url={url}", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        [
+            "sbatch",
+            "--wait",
+            "--parsable",
+            f"--output={tmp_path / 'job.out'}",
+            "slurm/train.sbatch",
+            "model=mlp",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=20",
+            "trainer.enable_progress_bar=false",
+            f"registry.url={url}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     output = (tmp_path / "job.out").read_text()
     assert job.returncode == 0, job.stderr + output[-3000:]
@@ -86,9 +115,17 @@ def test_one_training_over_two_slurm_tasks_ends_once(real_data, slurm_cluster, t
     assert output.count("result: test/acc=") == 1 and (tmp_path / "run" / "model.onnx").is_file()
 
 
-SWEEP = ["trainer=ddp_cpu", "model=mlp", "trainer.max_epochs=2", "trainer.limit_train_batches=5",
-         "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "callbacks.onnx_export.test_images=500",
-         "trainer.enable_progress_bar=false", "hydra.sweeper.monitor=val/acc"]
+SWEEP = [
+    "trainer=ddp_cpu",
+    "model=mlp",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=5",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "callbacks.onnx_export.test_images=500",
+    "trainer.enable_progress_bar=false",
+    "hydra.sweeper.monitor=val/acc",
+]
 
 
 def train_sweep(*overrides: str, sweep_dir: Path) -> subprocess.CompletedProcess:
@@ -104,9 +141,14 @@ def test_ddp_trials_of_a_sweep_run_in_their_run_dir_and_end_once(real_data, tmp_
     """Lightning starts each trial's second process by re-running the -m command: it joins that trial."""
     url = f"sqlite:///{tmp_path / 'registry.db'}"
     # the grid (seed 0) runs lr=0.01 first; 1e-7 learns nothing, so the median pruner stops it after epoch 0
-    done = train_sweep("optim.lr=choice(1e-7,0.01)", "hydra.sweeper.sampler=grid", "hydra.sweeper.n_trials=2",
-                       "hydra.sweeper.pruner={name: median, n_startup_trials: 1, n_warmup_steps: 0}",
-                       f"registry.url={url}", sweep_dir=tmp_path / "sweep")
+    done = train_sweep(
+        "optim.lr=choice(1e-7,0.01)",
+        "hydra.sweeper.sampler=grid",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.pruner={name: median, n_startup_trials: 1, n_warmup_steps: 0}",
+        f"registry.url={url}",
+        sweep_dir=tmp_path / "sweep",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     study = optuna.load_study(study_name="train", storage=f"sqlite:///{tmp_path / 'sweep' / 'study.db'}")
     first, second = study.trials
@@ -129,8 +171,13 @@ def test_ddp_trials_of_a_sweep_run_in_their_run_dir_and_end_once(real_data, tmp_
 
 def test_ddp_trials_need_the_basic_launcher(tmp_path):
     """A joblib worker's command line is not the sweep's: Lightning could not start the trial's other process."""
-    done = train_sweep("optim.lr=choice(0.01)", "hydra/launcher=joblib", "hydra.sweeper.n_trials=1",
-                       "hydra.sweeper.max_failure_rate=0", sweep_dir=tmp_path)
+    done = train_sweep(
+        "optim.lr=choice(0.01)",
+        "hydra/launcher=joblib",
+        "hydra.sweeper.n_trials=1",
+        "hydra.sweeper.max_failure_rate=0",
+        sweep_dir=tmp_path,
+    )
     assert done.returncode == 2
     assert "this sweep trial cannot train in 2 processes" in done.stderr.splitlines()[-1]
     assert "hydra/launcher" in done.stderr.splitlines()[-1]

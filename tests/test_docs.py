@@ -24,8 +24,14 @@ from conftest import REPO
 
 DOCS = REPO / "docs"
 TITLED_BLOCK = re.compile(r'```(\w+) title="([^"]+)"\n(.*?)\n\s*```', re.S)
-QUIET = ["logger=none", "callbacks.lr_monitor=null", "callbacks.progress_bar=null", "callbacks.model_summary=null",
-         "trainer.enable_progress_bar=false", "print_config=false"]
+QUIET = [
+    "logger=none",
+    "callbacks.lr_monitor=null",
+    "callbacks.progress_bar=null",
+    "callbacks.model_summary=null",
+    "trainer.enable_progress_bar=false",
+    "print_config=false",
+]
 
 
 def conf_reference():
@@ -101,9 +107,17 @@ def test_backbone_example_trains_and_exports(real_data, conf_with_examples, tmp_
     try:
         exec(compile(source, "src/digitnet/models/tiny.py", "exec"), module.__dict__)
         assert BACKBONES["tiny"].__name__ == "TinyNet"
-        cfg = compose_in(conf_with_examples, "model=tiny", "trainer.max_epochs=1", "trainer.limit_train_batches=20",
-                         "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
-                         "callbacks.onnx_export.test_images=500", *QUIET, f"paths.output_dir={tmp_path / 'run'}")
+        cfg = compose_in(
+            conf_with_examples,
+            "model=tiny",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=20",
+            "trainer.limit_val_batches=2",
+            "trainer.limit_test_batches=2",
+            "callbacks.onnx_export.test_images=500",
+            *QUIET,
+            f"paths.output_dir={tmp_path / 'run'}",
+        )
         train(cfg)
     finally:
         BACKBONES.pop("tiny", None)

@@ -45,8 +45,14 @@ def report(trained, tmp_path_factory):
 def test_report_and_figures_are_written(report):
     out, _, _ = report
     text = (out / "report.md").read_text()
-    for section in ("## Test metrics", "## Per class", "## Most confused pairs", "## Misclassified test images",
-                    "## Calibration", "## Robustness"):
+    for section in (
+        "## Test metrics",
+        "## Per class",
+        "## Most confused pairs",
+        "## Misclassified test images",
+        "## Calibration",
+        "## Robustness",
+    ):
         assert section in text
     assert sorted(re.findall(r"\]\(([^)]+\.png)\)", text)) == sorted(FIGURES)  # every figure linked, all exist
     for name in FIGURES:
@@ -76,9 +82,9 @@ def test_metrics_agree_with_each_other(report, trained):
 
 
 def test_reliability_bins_give_the_reported_ece(trained, report):
-    from digitnet.evaluate import Evaluation
     from digitnet.classifier import load_classifier
     from digitnet.data.idx import load_split
+    from digitnet.evaluate import Evaluation
 
     _, _, summary = report
     images, labels = load_split("mnist", "test")
@@ -108,8 +114,9 @@ def test_mirror_tta_is_reported_beside_the_plain_accuracy(trained, report, tmp_p
     _, acc, plain = report
     assert "test/acc_tta_hflip" not in plain  # off unless asked for
     out = tmp_path / "tta"
-    returned = evaluate(eval_config(f"ckpt_path='{trained.checkpoint}'", f"data.limit={LIMIT}", "tta_hflip=true",
-                                    output_dir=out))
+    returned = evaluate(
+        eval_config(f"ckpt_path='{trained.checkpoint}'", f"data.limit={LIMIT}", "tta_hflip=true", output_dir=out)
+    )
     summary = json.loads((out / "eval_metrics.json").read_text())
     assert returned == summary["test/acc"] == acc  # test/acc stays the plain accuracy
     images, labels = load_split("mnist", "test")
@@ -118,7 +125,10 @@ def test_mirror_tta_is_reported_beside_the_plain_accuracy(trained, report, tmp_p
     by_hand = ((probabilities(x) + probabilities(x.flip(-1))).argmax(1) == labels[:LIMIT]).float().mean().item()
     assert summary["test/acc_tta_hflip"] == pytest.approx(by_hand)
     assert by_hand != acc  # the mirror was really used (mirrored digits change some predictions)
-    assert f"| accuracy, mean of the image's and its mirror's probabilities | {by_hand:.4f} |" in (out / "report.md").read_text()
+    assert (
+        f"| accuracy, mean of the image's and its mirror's probabilities | {by_hand:.4f} |"
+        in (out / "report.md").read_text()
+    )
 
 
 def test_tensorboard_has_the_confusion_matrix(report):
@@ -141,7 +151,9 @@ def test_corruptions_do_what_they_say():
 
     def centre(a):
         grid = torch.arange(28.0)
-        return torch.stack([(a.sum(3) * grid).sum((1, 2)), (a.sum(2) * grid).sum((1, 2))], 1) / a.sum((1, 2, 3))[:, None]
+        return (
+            torch.stack([(a.sum(3) * grid).sum((1, 2)), (a.sum(2) * grid).sum((1, 2))], 1) / a.sum((1, 2, 3))[:, None]
+        )
 
     assert torch.allclose((centre(moved) - centre(x)).norm(dim=1), torch.full((4,), 3.0), atol=0.05)
     assert torch.allclose(blur(x, 1.0, gen).sum(), x.sum(), rtol=1e-4) and blur(x, 0, gen) is x
@@ -151,25 +163,50 @@ def test_corruptions_do_what_they_say():
 
 @pytest.mark.slow
 def test_eval_by_registry_id_and_best(trained, tmp_path):
-    a = evaluate(eval_config(f"ckpt_path='{trained.record_id[:8]}'", f"registry.url={trained.registry_url}",
-                             "data.limit=300", "logger=none", output_dir=tmp_path / "by_id"))
-    b = evaluate(eval_config("ckpt_path=best", f"registry.url={trained.registry_url}", "data.limit=300",
-                             "logger=none", output_dir=tmp_path / "best"))
+    a = evaluate(
+        eval_config(
+            f"ckpt_path='{trained.record_id[:8]}'",
+            f"registry.url={trained.registry_url}",
+            "data.limit=300",
+            "logger=none",
+            output_dir=tmp_path / "by_id",
+        )
+    )
+    b = evaluate(
+        eval_config(
+            "ckpt_path=best",
+            f"registry.url={trained.registry_url}",
+            "data.limit=300",
+            "logger=none",
+            output_dir=tmp_path / "best",
+        )
+    )
     assert a == b and (tmp_path / "best" / "report.md").is_file()
-    assert f"Model: `registry model {trained.record_id[:8]} (stored checkpoint)`" in (tmp_path / "best" / "report.md").read_text()
+    assert (
+        f"Model: `registry model {trained.record_id[:8]} (stored checkpoint)`"
+        in (tmp_path / "best" / "report.md").read_text()
+    )
 
 
-@pytest.mark.parametrize("override, message", [
-    ("ckpt_path=null", "say which model to evaluate"),
-    ("ckpt_path=deadbeef", "no model with id 'deadbeef'"),
-    ("+robustness.fog=[1]", r"unknown robustness corruption\(s\) \['fog'\]"),
-    ("robustness.rotation=[400]", r"robustness.rotation strengths \[400\] are outside"),
-    ("tta_hflip=yes", "tta_hflip=yes must be true or false"),
-    ("data.limit=0", r"data.limit=0 must be a positive integer or null"),
-    ("calibration_bins=ten", "calibration_bins=ten must be an integer"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("ckpt_path=null", "say which model to evaluate"),
+        ("ckpt_path=deadbeef", "no model with id 'deadbeef'"),
+        ("+robustness.fog=[1]", r"unknown robustness corruption\(s\) \['fog'\]"),
+        ("robustness.rotation=[400]", r"robustness.rotation strengths \[400\] are outside"),
+        ("tta_hflip=yes", "tta_hflip=yes must be true or false"),
+        ("data.limit=0", r"data.limit=0 must be a positive integer or null"),
+        ("calibration_bins=ten", "calibration_bins=ten must be an integer"),
+    ],
+)
 def test_bad_settings_are_clear_errors_and_write_no_report(trained, tmp_path, override, message):
-    overrides = [f"ckpt_path='{trained.checkpoint}'", f"registry.url={trained.registry_url}", "data.limit=100", override]
+    overrides = [
+        f"ckpt_path='{trained.checkpoint}'",
+        f"registry.url={trained.registry_url}",
+        "data.limit=100",
+        override,
+    ]
     with pytest.raises(DigitnetError, match=message):
         evaluate(eval_config(*overrides, output_dir=tmp_path))
     assert not (tmp_path / "report.md").exists()
@@ -179,6 +216,9 @@ def test_bad_settings_are_clear_errors_and_write_no_report(trained, tmp_path, ov
 def test_eval_py_command_line(trained, tmp_path):
     run = subprocess.run(
         [sys.executable, str(REPO / "eval.py"), f"ckpt_path={tmp_path / 'missing.ckpt'}", f"hydra.run.dir={tmp_path}"],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
     )
     assert run.returncode == 2 and run.stderr.strip() == f"error: model file {tmp_path / 'missing.ckpt'} not found"

@@ -20,10 +20,10 @@ from torch import nn
 
 import digitnet
 from conftest import compose_config
+from digitnet.checkpoint import load_checkpoint
 from digitnet.data.datamodule import DigitDataModule
 from digitnet.data.idx import load_split
 from digitnet.errors import DigitnetError
-from digitnet.checkpoint import load_checkpoint
 from digitnet.export import OnnxExport, export_checkpoint, export_onnx, main
 from digitnet.module import DigitClassifier
 from digitnet.train import train
@@ -215,7 +215,13 @@ def _module_with_backbone(backbone: nn.Module) -> DigitClassifier:
 def test_speedrun_convpool_exports_within_the_contract(real_data, tmp_path, dynamic_batch):
     """The speedrun's net (pixel fold, pooling before the norms, global max-pool) within the contract;
     the fold (PixelUnshuffle) becomes Reshape/Transpose. Verified against PyTorch."""
-    model = {"name": "convpool", "widths": [8, 16, 32], "space_to_depth": 2, "pool_before_norm": True, "global_pool": True}
+    model = {
+        "name": "convpool",
+        "widths": [8, 16, 32],
+        "space_to_depth": 2,
+        "pool_before_norm": True,
+        "global_pool": True,
+    }
     module = DigitClassifier(model=model).eval()
     report = export_onnx(module, tmp_path / "s2d.onnx", dynamic_batch=dynamic_batch, test_images=300)
     ops = {node.op_type for node in onnx.load(tmp_path / "s2d.onnx").graph.node}
@@ -261,11 +267,22 @@ def test_graph_that_disagrees_with_pytorch_fails_verification_and_writes_nothing
 
 def test_callback_without_a_checkpoint_exports_the_current_weights(real_data, tmp_path, caplog):
     callback = OnnxExport(test_images=300)
-    trainer = L.Trainer(max_steps=1, limit_val_batches=0, enable_checkpointing=False, logger=False, callbacks=[callback],
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=1,
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        logger=False,
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     with pytest.warns(UserWarning, match="no best checkpoint"), caplog.at_level(logging.INFO, logger="digitnet.export"):
-        module = DigitClassifier(model={"name": "mlp", "hidden": [16]}, optim={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1},
-                                 sched={"name": "none"})
+        module = DigitClassifier(
+            model={"name": "mlp", "hidden": [16]},
+            optim={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1},
+            sched={"name": "none"},
+        )
         trainer.fit(module, DigitDataModule(batch_size=16))
     assert (tmp_path / "model.onnx").is_file() and str(tmp_path / "model.onnx") in caplog.text
     assert callback.run_metrics["onnx/test_images"] == 300
@@ -284,8 +301,11 @@ def old_ort_python(request) -> Path:
     if not python.exists():
         scratch = cache / f"building-{os.getpid()}"
         subprocess.run([sys.executable, "-m", "venv", str(scratch)], check=True)
-        pip = subprocess.run([scratch / "bin" / "python", "-m", "pip", "install", "-q", OLD_ORT, "numpy<2"],
-                             capture_output=True, text=True)
+        pip = subprocess.run(
+            [scratch / "bin" / "python", "-m", "pip", "install", "-q", OLD_ORT, "numpy<2"],
+            capture_output=True,
+            text=True,
+        )
         assert pip.returncode == 0, f"installing {OLD_ORT} failed:\n{pip.stderr[-2000:]}"
         try:
             scratch.rename(cache / "venv")
@@ -307,12 +327,16 @@ print(ort.__version__)
 
 @pytest.mark.network  # pip installs onnxruntime 1.16 once per pytest cache
 @pytest.mark.parametrize("filename", ["model.onnx", "model.int8.onnx"])
-def test_exercise_onnxruntime_1_16_gives_the_same_predictions(old_ort_python, run_dir, session, mnist_sample, tmp_path,
-                                                              filename):
+def test_exercise_onnxruntime_1_16_gives_the_same_predictions(
+    old_ort_python, run_dir, session, mnist_sample, tmp_path, filename
+):
     images = mnist_sample[0].astype(np.float32)
     np.save(tmp_path / "images.npy", images)
-    run = subprocess.run([old_ort_python, "-c", OLD_ORT_PREDICT, run_dir / filename, tmp_path / "images.npy",
-                          tmp_path / "probs.npy"], capture_output=True, text=True)
+    run = subprocess.run(
+        [old_ort_python, "-c", OLD_ORT_PREDICT, run_dir / filename, tmp_path / "images.npy", tmp_path / "probs.npy"],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().startswith("1.16.")
     current = ort.InferenceSession(str(run_dir / filename))

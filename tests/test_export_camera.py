@@ -22,9 +22,18 @@ pytestmark = pytest.mark.slow  # a 200-batch training run
 FRAME_HEIGHT, FRAME_WIDTH = 480, 640
 DIGITS_PER_POLARITY = 100
 CAMERA_RUN = [
-    "model=cnn", "model.channels=[16,32]", "model.hidden=64", "aug=camera", "sched=none",
-    "trainer.max_epochs=1", "++trainer.limit_train_batches=200", "++trainer.limit_val_batches=2", "test=false",
-    "++callbacks.onnx_export._target_=digitnet.export.OnnxExport", "++callbacks.onnx_export.test_images=2000", *QUIET,
+    "model=cnn",
+    "model.channels=[16,32]",
+    "model.hidden=64",
+    "aug=camera",
+    "sched=none",
+    "trainer.max_epochs=1",
+    "++trainer.limit_train_batches=200",
+    "++trainer.limit_val_batches=2",
+    "test=false",
+    "++callbacks.onnx_export._target_=digitnet.export.OnnxExport",
+    "++callbacks.onnx_export.test_images=2000",
+    *QUIET,
 ]
 
 
@@ -54,7 +63,9 @@ def camera_frame(digit: np.ndarray, dark_on_light: bool, rng: np.random.Generato
     crop = int(0.75 * min(FRAME_HEIGHT, FRAME_WIDTH))
     size = int(crop * rng.uniform(0.8, 1.0))
     stroke = bilinear_resize(digit.astype(np.float32) / 255, size)  # upscaling: smooth strokes
-    background, ink = (rng.uniform(170, 220), rng.uniform(20, 60)) if dark_on_light else (rng.uniform(20, 60), rng.uniform(170, 230))
+    background, ink = (
+        (rng.uniform(170, 220), rng.uniform(20, 60)) if dark_on_light else (rng.uniform(20, 60), rng.uniform(170, 230))
+    )
     ramp = np.linspace(-1, 1, FRAME_WIDTH, dtype=np.float32) * rng.uniform(-15, 15)  # light falls off to one side
     frame = np.full((FRAME_HEIGHT, FRAME_WIDTH), background, np.float32) + ramp
     top = (FRAME_HEIGHT - size) // 2 + rng.integers(-crop // 20, crop // 20 + 1)

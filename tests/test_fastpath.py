@@ -12,8 +12,15 @@ from conftest import compose_config
 from digitnet.fastpath import Device, choose, cpu_device, settle, training_device
 from digitnet.train import train
 
-QUIET = ["logger=none", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false",
-         "callbacks.model_summary=null", "callbacks.onnx_export=null", "registry.enabled=false", "print_config=false"]
+QUIET = [
+    "logger=none",
+    "callbacks.progress_bar=null",
+    "trainer.enable_progress_bar=false",
+    "callbacks.model_summary=null",
+    "callbacks.onnx_export=null",
+    "registry.enabled=false",
+    "print_config=false",
+]
 
 
 def test_a_cpu_without_native_bf16_trains_in_float32():
@@ -62,8 +69,15 @@ def test_auto_is_decided_and_explicit_values_are_kept(tmp_path):
 @pytest.mark.parametrize("overrides", [[], ["trainer.precision=32-true", "module.channels_last=false"]])
 def test_the_choice_is_logged_and_in_metrics_json(overrides, tiny_mnist, monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("DIGITNET_DATA", str(tiny_mnist))
-    cfg = compose_config("data.val_size=50", "trainer.max_epochs=1", "trainer.limit_train_batches=2", *overrides,
-                         "test=false", *QUIET, output_dir=tmp_path)
+    cfg = compose_config(
+        "data.val_size=50",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        *overrides,
+        "test=false",
+        *QUIET,
+        output_dir=tmp_path,
+    )
     expected = ("32-true", False) if overrides else choose(training_device("auto"), convolutional=True)
     with caplog.at_level(logging.INFO, logger="digitnet.train"):
         train(cfg)
@@ -75,9 +89,17 @@ def test_the_choice_is_logged_and_in_metrics_json(overrides, tiny_mnist, monkeyp
 
 def test_one_epoch_with_the_fast_defaults_matches_float32_accuracy(real_data, tmp_path):
     """Same seed, one epoch of model=cnn: the defaults (bf16 autocast and NHWC on this CPU) against float32 NCHW."""
+
     def test_acc(name: str, *overrides: str) -> dict:
-        cfg = compose_config("model=cnn", "trainer.max_epochs=1", "trainer.num_sanity_val_steps=0", "seed=3",
-                             *overrides, *QUIET, output_dir=tmp_path / name)
+        cfg = compose_config(
+            "model=cnn",
+            "trainer.max_epochs=1",
+            "trainer.num_sanity_val_steps=0",
+            "seed=3",
+            *overrides,
+            *QUIET,
+            output_dir=tmp_path / name,
+        )
         train(cfg)
         return json.loads((tmp_path / name / "metrics.json").read_text())
 

@@ -26,10 +26,13 @@ def test_classic_parameter_counts():
     assert n_params(build_backbone("cnn")) == 1_199_882
 
 
-@pytest.mark.parametrize("name, narrow, wide", [
-    ("resnet", {"widths": [16, 32, 64]}, {"widths": [32, 64, 128]}),
-    ("convnext", {"dims": [16, 32, 64]}, {"dims": [32, 64, 128]}),
-])
+@pytest.mark.parametrize(
+    "name, narrow, wide",
+    [
+        ("resnet", {"widths": [16, 32, 64]}, {"widths": [32, 64, 128]}),
+        ("convnext", {"dims": [16, 32, 64]}, {"dims": [32, 64, 128]}),
+    ],
+)
 def test_width_is_a_config_key(name, narrow, wide):
     small, large = n_params(build_backbone(name, **narrow)), n_params(build_backbone(name, **wide))
     assert 50_000 < large < 1_000_000  # small enough for a 2-core CPU, big enough to learn

@@ -49,8 +49,9 @@ def test_the_old_checkpoint_exports(images, tmp_path):
     report = export_checkpoint(OLD, tmp_path / "old.onnx", test_images=200, progress_bar=False)
     assert report.test_images == 200 and report.onnx_test_acc == report.torch_test_acc
     session = ort.InferenceSession(str(tmp_path / "old.onnx"))
-    probs = np.concatenate([session.run(None, {session.get_inputs()[0].name: images[i : i + 1].numpy()})[0]
-                            for i in range(len(images))])
+    probs = np.concatenate(
+        [session.run(None, {session.get_inputs()[0].name: images[i : i + 1].numpy()})[0] for i in range(len(images))]
+    )
     np.testing.assert_allclose(probs, EXPECTED, atol=1e-5)
 
 
@@ -62,7 +63,8 @@ def test_the_old_checkpoint_predicts(images, tmp_path, capsys):
 
 
 def test_the_old_checkpoint_evaluates(real_data, tmp_path):
-    acc = evaluate(eval_config(f"ckpt_path='{OLD}'", "data.limit=500", "logger=none", "progress_bar=false",
-                               output_dir=tmp_path))
+    acc = evaluate(
+        eval_config(f"ckpt_path='{OLD}'", "data.limit=500", "logger=none", "progress_bar=false", output_dir=tmp_path)
+    )
     summary = json.loads((tmp_path / "eval_metrics.json").read_text())
     assert (tmp_path / "report.md").is_file() and summary["test/images"] == 500 and summary["test/acc"] == acc

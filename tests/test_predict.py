@@ -14,10 +14,10 @@ from PIL import Image
 
 from conftest import write_idx
 from digitnet import cli
-from digitnet.data.idx import load_split
-from digitnet.errors import DigitnetError
 from digitnet.classifier import load_classifier
+from digitnet.data.idx import load_split
 from digitnet.data.prepare import prepare_digit
+from digitnet.errors import DigitnetError
 from digitnet.predict import load_inputs
 from tiny_run import tiny_run
 
@@ -108,7 +108,9 @@ def test_idx_npy_onnx_and_registry_models_agree(trained, test_digits, tmp_path, 
     assert (reference.argmax(1).numpy() == labels).mean() >= 0.7
     for model in (str(trained.checkpoint), str(trained.onnx), "best:mnist", trained.record_id[:8]):
         csv_path = tmp_path / f"{model.replace('/', '_')}.csv"
-        code, out, err = _predict(capsys, model, str(idx), str(npy), "--csv", str(csv_path), "--db", trained.registry_url)
+        code, out, err = _predict(
+            capsys, model, str(idx), str(npy), "--csv", str(csv_path), "--db", trained.registry_url
+        )
         assert code == 0, err
         assert out.strip() == f"wrote {2 * N} predictions to {csv_path}"
         rows = list(csv.DictReader(csv_path.open()))
@@ -121,7 +123,9 @@ def test_idx_npy_onnx_and_registry_models_agree(trained, test_digits, tmp_path, 
 
 def test_save_prepared_writes_what_the_model_sees(trained, test_digits, tmp_path, capsys):
     _photo(test_digits[0][0], 0).save(tmp_path / "seven.png")
-    code, out, err = _predict(capsys, str(trained.onnx), str(tmp_path / "seven.png"), "--save-prepared", str(tmp_path / "seen.png"))
+    code, out, err = _predict(
+        capsys, str(trained.onnx), str(tmp_path / "seven.png"), "--save-prepared", str(tmp_path / "seen.png")
+    )
     assert code == 0, err
     grid = np.asarray(Image.open(tmp_path / "seen.png").convert("L"))
     assert grid.shape == (28, 28)  # a grid of one image has no padding
@@ -130,12 +134,14 @@ def test_save_prepared_writes_what_the_model_sees(trained, test_digits, tmp_path
 
 def _huge_png(path, width: int, height: int) -> None:
     """A small PNG whose header claims width x height pixels (its data would not even fill a row)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
 
     header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])  # 8-bit gray
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+    )
 
 
 def _npy(path, index: int, value: float) -> None:
@@ -152,9 +158,19 @@ def good(test_digits, tmp_path):
     return path
 
 
-@pytest.mark.parametrize("case", ["empty folder", "unknown model id", "unreadable checkpoint", "missing input",
-                                  "--csv is a folder", "--csv under a file", "--csv where nothing can be written",
-                                  "--save-prepared is a folder"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "empty folder",
+        "unknown model id",
+        "unreadable checkpoint",
+        "missing input",
+        "--csv is a folder",
+        "--csv under a file",
+        "--csv where nothing can be written",
+        "--save-prepared is a folder",
+    ],
+)
 def test_bad_runs_are_one_line_errors_and_write_nothing(trained, good, tmp_path, capsys, case):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -166,14 +182,36 @@ def test_bad_runs_are_one_line_errors_and_write_nothing(trained, good, tmp_path,
         "empty folder": (trained.checkpoint, [good, empty], [], f"folder {empty} holds no images"),
         "unknown model id": ("0123abcd", [good], [], "no model with id '0123abcd' in registry"),
         "unreadable checkpoint": (broken, [good], [], f"{broken} is not a readable PyTorch checkpoint"),
-        "missing input": (trained.checkpoint, [tmp_path / "nope.png"], [], f"input {tmp_path / 'nope.png'} does not exist"),
-        "--csv is a folder": (trained.checkpoint, [good], ["--csv", empty], f"--csv {empty} is a folder; give a file name"),
-        "--csv under a file": (trained.checkpoint, [good], ["--csv", out_csv / "x.csv"],
-                               f"--csv {out_csv / 'x.csv'} cannot be written: {out_csv} takes no new files (Not a directory)"),
-        "--csv where nothing can be written": (trained.checkpoint, [good], ["--csv", "/proc/digits.csv"],
-                                               "--csv /proc/digits.csv cannot be written: /proc takes no new files"),
-        "--save-prepared is a folder": (trained.checkpoint, [good], ["--save-prepared", empty],
-                                        f"--save-prepared {empty} is a folder; give a file name"),
+        "missing input": (
+            trained.checkpoint,
+            [tmp_path / "nope.png"],
+            [],
+            f"input {tmp_path / 'nope.png'} does not exist",
+        ),
+        "--csv is a folder": (
+            trained.checkpoint,
+            [good],
+            ["--csv", empty],
+            f"--csv {empty} is a folder; give a file name",
+        ),
+        "--csv under a file": (
+            trained.checkpoint,
+            [good],
+            ["--csv", out_csv / "x.csv"],
+            f"--csv {out_csv / 'x.csv'} cannot be written: {out_csv} takes no new files (Not a directory)",
+        ),
+        "--csv where nothing can be written": (
+            trained.checkpoint,
+            [good],
+            ["--csv", "/proc/digits.csv"],
+            "--csv /proc/digits.csv cannot be written: /proc takes no new files",
+        ),
+        "--save-prepared is a folder": (
+            trained.checkpoint,
+            [good],
+            ["--save-prepared", empty],
+            f"--save-prepared {empty} is a folder; give a file name",
+        ),
     }[case]
     options = options or ["--csv", out_csv]
     code, out, err = _predict(capsys, str(model), *map(str, inputs), *map(str, options), "--db", trained.registry_url)
@@ -191,8 +229,10 @@ def _bad_file(case: str, folder) -> tuple[str, str]:
         return "notes.png", " is not an image, IDX or .npy file (images: .bmp,"
     if case == "blank":
         Image.new("RGB", (64, 64), (200, 200, 200)).save(folder / "blank.png")
-        return "blank.png", (": no digit found (the image is blank or has almost no contrast); "
-                             "if it holds a digit, say its background: --background light or dark")
+        return "blank.png", (
+            ": no digit found (the image is blank or has almost no contrast); "
+            "if it holds a digit, say its background: --background light or dark"
+        )
     if case.startswith("header claims"):
         side = int(case.split()[-1])
         _huge_png(folder / "huge.png", side, side)
@@ -206,8 +246,20 @@ def _bad_file(case: str, folder) -> tuple[str, str]:
     return "digits.npy", ": 1 image(s) hold NaN or infinite pixels, the first is [3]"
 
 
-@pytest.mark.parametrize("case", ["not an image", "blank", "header claims 5000", "header claims 10000",
-                                  "header claims 30000", "truncated png", "NaN in .npy", "inf in .npy", "-inf in .npy"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "not an image",
+        "blank",
+        "header claims 5000",
+        "header claims 10000",
+        "header claims 30000",
+        "truncated png",
+        "NaN in .npy",
+        "inf in .npy",
+        "-inf in .npy",
+    ],
+)
 @pytest.mark.parametrize("output", ["stdout", "csv"])
 def test_a_bad_file_is_one_line_and_the_others_are_classified(trained, good, tmp_path, capsys, case, output):
     name, message = _bad_file(case, tmp_path)
@@ -222,13 +274,16 @@ def test_a_bad_file_is_one_line_and_the_others_are_classified(trained, good, tmp
         assert [row["input"] for row in csv.DictReader(csv_path.open())] == [str(good)]
     else:
         assert out.startswith(f"{good}  ") and out.count("\n") == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"good.png", name} | ({"out.csv"} if output == "csv" else set()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        {"good.png", name} | ({"out.csv"} if output == "csv" else set())
+    )
 
 
 def test_only_bad_files_write_nothing_and_exit_1(trained, tmp_path, capsys):
     names = [_bad_file(case, tmp_path)[0] for case in ("blank", "NaN in .npy")]
-    code, out, err = _predict(capsys, str(trained.checkpoint), *(str(tmp_path / n) for n in names),
-                              "--csv", str(tmp_path / "out.csv"))
+    code, out, err = _predict(
+        capsys, str(trained.checkpoint), *(str(tmp_path / n) for n in names), "--csv", str(tmp_path / "out.csv")
+    )
     assert code == 1 and out == "" and err.count("\n") == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
 
@@ -265,8 +320,12 @@ def test_predicting_into_a_closed_pipe_exits_quietly(trained, test_digits, real_
     """`digitnet predict ... | head -2`: more output than a pipe holds, so writing must hit the closed end."""
     images, _ = load_split("mnist", "test")
     idx = write_idx(tmp_path / "digits-idx3-ubyte", images[:3000].numpy())
-    predict = subprocess.Popen([sys.executable, "-m", "digitnet.cli", "predict", str(trained.onnx), str(idx)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    predict = subprocess.Popen(
+        [sys.executable, "-m", "digitnet.cli", "predict", str(trained.onnx), str(idx)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     head = subprocess.run(["head", "-2"], stdin=predict.stdout, capture_output=True, text=True)
     predict.stdout.close()
     assert predict.wait(timeout=300) == 1 and predict.stderr.read() == ""
@@ -289,8 +348,15 @@ def test_one_image_onnx_graphs_give_per_image_results_for_many_images(trained, t
     import onnxruntime as ort
 
     baked = tmp_path / "baked.onnx"
-    torch.onnx.export(_BatchOfOne().eval(), (torch.zeros(1, 1, 28, 28),), str(baked), dynamo=False, opset_version=17,
-                      input_names=["input"], output_names=["output"])
+    torch.onnx.export(
+        _BatchOfOne().eval(),
+        (torch.zeros(1, 1, 28, 28),),
+        str(baked),
+        dynamo=False,
+        opset_version=17,
+        input_names=["input"],
+        output_names=["output"],
+    )
     x = torch.from_numpy(test_digits[0])[:, None].float() / 255
     for path in (trained.onnx, baked):
         session = ort.InferenceSession(str(path))

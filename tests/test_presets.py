@@ -9,7 +9,8 @@ from omegaconf import OmegaConf
 from conftest import REPO, compose_config
 
 GLOBAL_PRESETS = sorted(
-    path.relative_to(REPO / "conf") for path in (REPO / "conf").glob("*/*.yaml")
+    path.relative_to(REPO / "conf")
+    for path in (REPO / "conf").glob("*/*.yaml")
     if path.read_text().startswith("# @package _global_")
 )
 

@@ -16,12 +16,12 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from conftest import REPO, compose_config
-from postgres_server import BACKENDS, postgres_url  # noqa: F401 (fixture)
 from digitnet import cli
 from digitnet.data.idx import load_split
 from digitnet.errors import DigitnetError
 from digitnet.registry import ModelRecord, Registry, check_recordable, record_run
 from digitnet.train import build_module
+from postgres_server import BACKENDS, postgres_url  # noqa: F401 (fixture)
 from tiny_run import tiny_run
 
 
@@ -32,8 +32,12 @@ def trained(real_data, tmp_path_factory):
 
 def _record(dataset="mnist", model="mlp", minutes=0, **metrics) -> ModelRecord:
     return ModelRecord(
-        id=str(uuid.uuid4()), created=datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(minutes=minutes),
-        dataset=dataset, model=model, config={"model": {"name": model}}, metrics=metrics,
+        id=str(uuid.uuid4()),
+        created=datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(minutes=minutes),
+        dataset=dataset,
+        model=model,
+        config={"model": {"name": model}},
+        metrics=metrics,
     )
 
 
@@ -125,8 +129,11 @@ def test_best_skips_partial_tests_unless_asked(registry):
     partial = _tested(5000.0, 10000.0, 5, acc=0.9)
     partial.dataset = "fashion"
     registry.add(partial)
-    with pytest.raises(DigitnetError, match=r"no model .* metric 'test/acc' \(dataset=fashion\) from a whole test "
-                                            r"split: 1 were tested on part of it .*--include-partial ranks them$"):
+    with pytest.raises(
+        DigitnetError,
+        match=r"no model .* metric 'test/acc' \(dataset=fashion\) from a whole test "
+        r"split: 1 were tested on part of it .*--include-partial ranks them$",
+    ):
         registry.best("test/acc", dataset="fashion")
     assert registry.best("test/acc", include_partial=True, dataset="fashion").id == partial.id
 
@@ -201,7 +208,9 @@ def test_two_processes_writing_at_once_lose_nothing(tmp_path, fresh_database):
     url = fresh_database
     start = tmp_path / "go"
     writers = [
-        subprocess.Popen([sys.executable, "-c", WRITER, url, tag, str(start)], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, url, tag, str(start)], cwd=tmp_path, stderr=subprocess.PIPE, text=True
+        )
         for tag in ("a", "b")
     ]
     start.touch()  # both are imported and waiting: release them together
@@ -223,8 +232,11 @@ def _cli(capsys, *argv) -> tuple[int, str, str]:
 def test_reading_a_missing_registry_creates_nothing(fresh_database, tmp_path):
     """Only a training run's record_run makes the database and its table; readers say it is missing."""
     before = sorted(tmp_path.iterdir())
-    with pytest.raises(DigitnetError, match=r"^no model in registry .*(fresh\.db: the file does not exist|"
-                                            r": it has no digitnet_models table) .*--db"):
+    with pytest.raises(
+        DigitnetError,
+        match=r"^no model in registry .*(fresh\.db: the file does not exist|"
+        r": it has no digitnet_models table) .*--db",
+    ):
         Registry(fresh_database)
     assert sorted(tmp_path.iterdir()) == before
     record_run(fresh_database, {"data": {"name": "mnist"}, "model": {"name": "mlp"}}, {"test/acc": 0.5}, tmp_path)
@@ -267,16 +279,21 @@ READ_COMMANDS = [
 def test_commands_in_a_folder_without_registry_create_nothing(tmp_path, monkeypatch, capsys, argv, where):
     monkeypatch.chdir(tmp_path)
     Image.new("L", (28, 28)).save("seven.png")
-    expected = {"default": tmp_path / "outputs" / "registry.db", "env": tmp_path / "env" / "r.db",
-                "--db": tmp_path / "flag" / "r.db"}[where]
+    expected = {
+        "default": tmp_path / "outputs" / "registry.db",
+        "env": tmp_path / "env" / "r.db",
+        "--db": tmp_path / "flag" / "r.db",
+    }[where]
     monkeypatch.delenv("DIGITNET_REGISTRY")
     if where == "env":
         monkeypatch.setenv("DIGITNET_REGISTRY", "sqlite:///env/r.db")
     code = cli.main([argv[0], "--db", "sqlite:///flag/r.db", *argv[1:]] if where == "--db" else argv)
     out, err = capsys.readouterr()
     assert code == 2 and out == ""
-    assert err == (f"error: no model in registry {expected}: the file does not exist (training runs create it where "
-                   "config registry.url says); point at one with --db URL or env DIGITNET_REGISTRY\n")
+    assert err == (
+        f"error: no model in registry {expected}: the file does not exist (training runs create it where "
+        "config registry.url says); point at one with --db URL or env DIGITNET_REGISTRY\n"
+    )
     assert [p.name for p in tmp_path.iterdir()] == ["seven.png"]
 
 
@@ -295,7 +312,10 @@ def test_models_command_line(trained, tmp_path, capsys):
     code, out, _ = _cli(capsys, "--db", url, "show", low[:8])
     assert code == 0 and f"id          {low}" in out and "needs more epochs" in out and "baseline" in out
     code, _, err = _cli(capsys, "--db", url, "remove", low, "nothere")
-    assert code == 2 and err.strip() == f"error: no model with id 'nothere' in registry {url}; `digitnet models list` shows the ids"
+    assert (
+        code == 2
+        and err.strip() == f"error: no model with id 'nothere' in registry {url}; `digitnet models list` shows the ids"
+    )
     with Registry(url) as registry:
         assert len(registry.list()) == 2  # an unknown id removes nothing, not even the known one
     assert "removed" in _cli(capsys, "--db", url, "remove", low)[1]
@@ -308,11 +328,18 @@ def test_a_partly_tested_run_is_marked_and_ranked_only_when_asked(real_data, tmp
     from digitnet.train import train
 
     url = f"sqlite:///{tmp_path / 'reg.db'}"
-    train(compose_config(
-        "model=mlp", "trainer.max_epochs=1", "trainer.limit_train_batches=5", "trainer.limit_val_batches=1",
-        "trainer.limit_test_batches=2", "debug=test", f"registry.url={url}",
-        output_dir=tmp_path / "run",
-    ))
+    train(
+        compose_config(
+            "model=mlp",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=5",
+            "trainer.limit_val_batches=1",
+            "trainer.limit_test_batches=2",
+            "debug=test",
+            f"registry.url={url}",
+            output_dir=tmp_path / "run",
+        )
+    )
     with Registry(url) as registry:
         (record,) = registry.list()
     assert record.test_images == (2000, 10000) and record.partial_test
@@ -324,7 +351,9 @@ def test_a_partly_tested_run_is_marked_and_ranked_only_when_asked(real_data, tmp
     code, out, _ = _cli(capsys, "--db", url, "show", record.id[:8])
     assert "\ntest_images 2000 of 10000; `best` skips it without --include-partial\n" in out
     code, _, err = _cli(capsys, "--db", url, "best")
-    assert code == 2 and err.endswith("1 were tested on part of it (trainer.limit_test_batches); --include-partial ranks them\n")
+    assert code == 2 and err.endswith(
+        "1 were tested on part of it (trainer.limit_test_batches); --include-partial ranks them\n"
+    )
     assert _cli(capsys, "--db", url, "best", "--include-partial", "--id-only")[1] == record.id + "\n"
 
     digit = tmp_path / "digit.png"

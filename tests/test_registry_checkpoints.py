@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -29,8 +28,20 @@ def test_training_stores_the_checkpoint_bytes(trained, tmp_path, capsys):
         record = registry.get(trained.record_id, with_ckpt=True)
         assert registry.get(trained.record_id).ckpt is None  # only asked for
     assert record.ckpt == trained.checkpoint.read_bytes() and record.ckpt_bytes == len(record.ckpt)
-    assert cli.main(["models", "--db", trained.registry_url, "show", trained.record_id[:8],
-                     "--ckpt-out", str(tmp_path / "copy.ckpt")]) == 0
+    assert (
+        cli.main(
+            [
+                "models",
+                "--db",
+                trained.registry_url,
+                "show",
+                trained.record_id[:8],
+                "--ckpt-out",
+                str(tmp_path / "copy.ckpt"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "copy.ckpt").read_bytes() == record.ckpt
     assert capsys.readouterr().out == f"wrote {tmp_path / 'copy.ckpt'} ({len(record.ckpt)} bytes)\n"
     cli.main(["models", "--db", trained.registry_url, "show", trained.record_id[:8]])
@@ -61,10 +72,15 @@ def test_store_checkpoint_false_keeps_only_the_path(trained, tmp_path, capsys):
         assert registry.get(skipped, with_ckpt=True).ckpt is None and registry.get(skipped).ckpt_bytes is None
     assert load_checkpoint(skipped, url).hparams.model["name"] == "mlp"  # its file is still there
     with sa.create_engine(url).begin() as conn:  # the file goes away: nothing left to load
-        conn.execute(sa.text("UPDATE digitnet_models SET checkpoint = '/gone/last.ckpt' WHERE id = :id"), {"id": skipped})
-    with pytest.raises(DigitnetError, match=rf"^registry model {skipped[:8]} has no checkpoint stored \(recorded with "
-                                            r"registry.store_checkpoint=false or by an older digitnet\) and its file "
-                                            r"/gone/last.ckpt is gone$"):
+        conn.execute(
+            sa.text("UPDATE digitnet_models SET checkpoint = '/gone/last.ckpt' WHERE id = :id"), {"id": skipped}
+        )
+    with pytest.raises(
+        DigitnetError,
+        match=rf"^registry model {skipped[:8]} has no checkpoint stored \(recorded with "
+        r"registry.store_checkpoint=false or by an older digitnet\) and its file "
+        r"/gone/last.ckpt is gone$",
+    ):
         load_checkpoint(skipped, url)
     assert cli.main(["models", "--db", url, "show", skipped, "--ckpt-out", str(tmp_path / "x.ckpt")]) == 2
     assert "has no checkpoint stored" in capsys.readouterr().err and not (tmp_path / "x.ckpt").exists()
@@ -73,8 +89,11 @@ def test_store_checkpoint_false_keeps_only_the_path(trained, tmp_path, capsys):
 def test_a_registry_from_before_stored_checkpoints_is_read_and_then_upgraded(tmp_path):
     url = f"sqlite:///{tmp_path / 'old.db'}"
     old = sa.MetaData()
-    sa.Table("digitnet_models", old, *(sa.Column(c.name, c.type, primary_key=c.primary_key)
-                                      for c in MODELS.c if c.name != "ckpt"))
+    sa.Table(
+        "digitnet_models",
+        old,
+        *(sa.Column(c.name, c.type, primary_key=c.primary_key) for c in MODELS.c if c.name != "ckpt"),
+    )
     engine = sa.create_engine(url)
     old.create_all(engine)
     engine.dispose()
@@ -89,6 +108,9 @@ def test_a_numeric_id_prefix_must_be_quoted(tmp_path):
     from digitnet.train import train
 
     cfg = compose_config("init_from=7e123456", output_dir=tmp_path)
-    with pytest.raises(DigitnetError, match=r"init_from=inf was read as a number; quote a registry id: "
-                                            r"init_from=\"'<id>'\""):
+    with pytest.raises(
+        DigitnetError,
+        match=r"init_from=inf was read as a number; quote a registry id: "
+        r"init_from=\"'<id>'\"",
+    ):
         train(cfg)

@@ -18,10 +18,17 @@ from digitnet.train import train
 pytestmark = pytest.mark.slow  # several multi-epoch runs, one killed and resumed
 
 SPIKE_EPOCH = 2
-RUN = ["model=mlp", "sched=none", "trainer.limit_train_batches=20", "trainer.limit_val_batches=2",
-       "trainer.limit_test_batches=2", "callbacks.onnx_export.test_images=200",
-       "++callbacks.lr_spike._target_=test_resume.LrSpike", f"++callbacks.lr_spike.epoch={SPIKE_EPOCH}",
-       "debug=test"]
+RUN = [
+    "model=mlp",
+    "sched=none",
+    "trainer.limit_train_batches=20",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "callbacks.onnx_export.test_images=200",
+    "++callbacks.lr_spike._target_=test_resume.LrSpike",
+    f"++callbacks.lr_spike.epoch={SPIKE_EPOCH}",
+    "debug=test",
+]
 
 
 class LrSpike(L.Callback):
@@ -55,7 +62,9 @@ def uninterrupted(real_data, tmp_path_factory) -> tuple[Path, dict]:
 
 def test_resumed_run_keeps_the_best_checkpoint_from_before_the_stop(uninterrupted, tmp_path):
     _, expected = uninterrupted
-    run(tmp_path / "first", f"trainer.max_epochs={SPIKE_EPOCH}")  # stopped after epoch 1, as a kill after its checkpoint
+    run(
+        tmp_path / "first", f"trainer.max_epochs={SPIKE_EPOCH}"
+    )  # stopped after epoch 1, as a kill after its checkpoint
     last = tmp_path / "first" / "checkpoints" / "last.ckpt"
     resumed = run(tmp_path / "resumed", "trainer.max_epochs=3", f"ckpt_path={last}")
 
@@ -85,15 +94,22 @@ def test_resume_without_a_monitor_tests_the_last_epoch_checkpoint_of_the_new_run
     expected = run(tmp_path / "uninterrupted", *no_monitor)
     last = tmp_path / "uninterrupted" / "checkpoints" / "last.ckpt"
     resumed = run(tmp_path / "resumed", *no_monitor, f"ckpt_path={last}")
-    assert Path(resumed["best_checkpoint"]) == tmp_path / "resumed" / "checkpoints" / Path(expected["best_checkpoint"]).name
+    assert (
+        Path(resumed["best_checkpoint"])
+        == tmp_path / "resumed" / "checkpoints" / Path(expected["best_checkpoint"]).name
+    )
     assert resumed["test/acc"] == expected["test/acc"] and resumed["val/acc"] == expected["val/acc"]
 
 
 def test_run_killed_while_testing_resumes_to_a_normal_end(real_data, tmp_path):
     """The real thing: SIGKILL once model.onnx is written (end of fit, the test set is next)."""
     args = ["model=mlp", "trainer.max_epochs=2", "trainer.limit_train_batches=20", "logger=none"]
-    first = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={tmp_path / 'first'}"],
-                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={tmp_path / 'first'}"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         while not (tmp_path / "first" / "model.onnx").exists() and first.poll() is None:
             time.sleep(0.01)

@@ -55,8 +55,14 @@ def mlp_checkpoint(path: Path, hidden: list[int]) -> Path:
     """A checkpoint of an untrained MLP, as `digitnet export` reads it (no training needed to export)."""
     torch.manual_seed(0)
     module = DigitClassifier(model={"name": "mlp", "hidden": hidden})
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "pytorch-lightning_version": L.__version__}, path)
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "pytorch-lightning_version": L.__version__,
+        },
+        path,
+    )
     return path
 
 
@@ -69,8 +75,9 @@ def temp_files(folder: Path) -> list[Path]:
 
 
 def digitnet_cli(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "digitnet.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "digitnet.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def assert_one_error_line(run: subprocess.Popen, *parts: str) -> None:
@@ -113,8 +120,9 @@ def test_export_on_a_full_disk_is_one_error_line_and_no_truncated_file(real_data
     if had_previous:
         target.write_bytes(b"the previous model")
     fill(disk, leave=64 * 1024)  # the new graph is ~440 KB
-    export = digitnet_cli("export", str(mlp_checkpoint(tmp_path / "mlp.ckpt", [128, 64])), "-o", str(target),
-                          "--test-images", "20")
+    export = digitnet_cli(
+        "export", str(mlp_checkpoint(tmp_path / "mlp.ckpt", [128, 64])), "-o", str(target), "--test-images", "20"
+    )
     assert_one_error_line(export, str(target), "No space left on device", "free some disk space")
     if had_previous:
         assert target.read_bytes() == b"the previous model"
@@ -141,8 +149,14 @@ def test_int8_copy_on_a_full_disk_keeps_the_previous_copy(real_data, tmp_path, s
 def test_export_into_a_read_only_folder_is_one_error_line(real_data, tmp_path, small_disk):
     disk = small_disk("1m")
     make_read_only(disk)
-    export = digitnet_cli("export", str(mlp_checkpoint(tmp_path / "mlp.ckpt", [16])), "-o", str(disk / "model.onnx"),
-                          "--test-images", "20")
+    export = digitnet_cli(
+        "export",
+        str(mlp_checkpoint(tmp_path / "mlp.ckpt", [16])),
+        "-o",
+        str(disk / "model.onnx"),
+        "--test-images",
+        "20",
+    )
     assert_one_error_line(export, str(disk / "model.onnx"), "Read-only file system")
     assert not list(disk.iterdir())
 
@@ -163,10 +177,18 @@ class FillDisk(L.Callback):
 def test_training_run_on_a_full_disk_keeps_the_previous_metrics_json(real_data, small_disk):
     run_dir = small_disk("16m")
     (run_dir / "metrics.json").write_text('{"previous": true}\n')
-    cfg = compose_config("model=mlp", "trainer.max_epochs=1", "trainer.limit_train_batches=5",
-                         "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "callbacks.onnx_export=null",
-                         "++callbacks.fill_disk._target_=test_safe_writes.FillDisk",
-                         f"++callbacks.fill_disk.disk={run_dir}", *QUIET, output_dir=run_dir)
+    cfg = compose_config(
+        "model=mlp",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=5",
+        "trainer.limit_val_batches=2",
+        "trainer.limit_test_batches=2",
+        "callbacks.onnx_export=null",
+        "++callbacks.fill_disk._target_=test_safe_writes.FillDisk",
+        f"++callbacks.fill_disk.disk={run_dir}",
+        *QUIET,
+        output_dir=run_dir,
+    )
     with pytest.raises(DigitnetError) as err:
         train(cfg)
     assert str(err.value).startswith(f"could not write {run_dir / 'metrics.json'}: No space left on device")
@@ -179,15 +201,24 @@ def test_registry_onnx_out_on_a_full_disk_writes_no_file(real_data, tmp_path_fac
     run = tiny_run(tmp_path_factory)
     disk = small_disk("1m")
     fill(disk, leave=16 * 1024)
-    show = digitnet_cli("models", "--db", run.registry_url, "show", run.record_id, "--onnx-out", str(disk / "best.onnx"))
+    show = digitnet_cli(
+        "models", "--db", run.registry_url, "show", run.record_id, "--onnx-out", str(disk / "best.onnx")
+    )
     assert_one_error_line(show, str(disk / "best.onnx"), "No space left on device")
     assert not (disk / "best.onnx").exists() and not temp_files(disk)
 
 
 def test_checkpoint_on_a_full_disk_is_one_error_line_and_no_truncated_checkpoint(real_data, small_disk):
     run_dir = small_disk("1m")  # an MLP checkpoint with its optimizer state is ~1.3 MB
-    cfg = compose_config("model=mlp", "trainer.max_epochs=1", "trainer.limit_train_batches=5",
-                         "trainer.limit_val_batches=2", "callbacks.onnx_export=null", *QUIET, output_dir=run_dir)
+    cfg = compose_config(
+        "model=mlp",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=5",
+        "trainer.limit_val_batches=2",
+        "callbacks.onnx_export=null",
+        *QUIET,
+        output_dir=run_dir,
+    )
     with pytest.raises(DigitnetError) as err:
         train(cfg)
     message = str(err.value)

@@ -1,4 +1,5 @@
-"""`digitnet serve`: the page in headless Chromium, live predictions, collecting drawings, training on them, bad uploads."""
+"""`digitnet serve`: the page in headless Chromium, live predictions, collecting drawings, training on
+them, bad uploads."""
 
 from __future__ import annotations
 
@@ -37,10 +38,18 @@ from digitnet.serve import load_onnx_classifier
 pytestmark = pytest.mark.slow  # a 200-batch model, a server process and many clients
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 # host names of this machine, as a DNS-rebinding page and a user's --allowed-host name would resolve
-                 "--host-resolver-rules=MAP rebound.test 127.0.0.1, MAP pad.test 127.0.0.1"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    # host names of this machine, as a DNS-rebinding page and a user's --allowed-host name would resolve
+    "--host-resolver-rules=MAP rebound.test 127.0.0.1, MAP pad.test 127.0.0.1",
+]
 SCALE = 10  # canvas pixels per MNIST pixel: the page's canvas is 280x280
 QUIET = ("debug=test",)
 
@@ -69,9 +78,17 @@ def served_model(real_data, tmp_path_factory) -> ServedModel:
 
     root = tmp_path_factory.mktemp("serve_model")
     url = f"sqlite:///{root / 'registry.db'}"
-    cfg = compose_config("model=mlp", "aug=light", "trainer.max_epochs=1", "trainer.limit_train_batches=200",
-                         "trainer.limit_val_batches=2", "callbacks.onnx_export.test_images=1000", *QUIET,
-                         f"registry.url={url}", output_dir=root / "run")
+    cfg = compose_config(
+        "model=mlp",
+        "aug=light",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=200",
+        "trainer.limit_val_batches=2",
+        "callbacks.onnx_export.test_images=1000",
+        *QUIET,
+        f"registry.url={url}",
+        output_dir=root / "run",
+    )
     train(cfg)
     metrics = json.loads((root / "run" / "metrics.json").read_text())
     return ServedModel(root / "run", Path(metrics["best_checkpoint"]), url)
@@ -81,8 +98,14 @@ def _start_server(cwd: Path, *args: str, env: dict | None = None):
     """`digitnet serve <args> --port 0` in its own process in `cwd`, as a user starts it: the Server and its process."""
     log = cwd / f"serve-{len(list(cwd.glob('serve-*.log')))}.log"
     with log.open("w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "digitnet.cli", "serve", *args, "--port", "0"],
-                                stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=cwd, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "digitnet.cli", "serve", *args, "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            cwd=cwd,
+            env=env,
+        )
     line = proc.stdout.readline()  # "serving <model> on http://127.0.0.1:<port>/ ..." once it listens
     if "http://" not in line:
         proc.kill()
@@ -294,11 +317,14 @@ def _png(image: Image.Image) -> bytes:
 
 def _png_claiming(width: int, height: int) -> bytes:
     """A PNG whose header claims a huge image (a 'decompression bomb'), with no pixel data behind it."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+    )
 
 
 def _tree(folder: Path) -> set[Path]:
@@ -355,9 +381,17 @@ def test_collected_drawings_train_a_custom_model_that_exports(server, served_mod
     assert all(answer["counts"][str(k)] >= 10 for k in range(10))
 
     monkeypatch.setenv("DIGITNET_DATA", str(server.dataset_dir.parent))
-    cfg = compose_config("data=custom", "model=mlp", "aug=light", "optim.lr=3e-4", "trainer.max_epochs=1",
-                         f"init_from='{served_model.checkpoint}'",
-                         "registry.enabled=false", *QUIET, output_dir=tmp_path / "run")
+    cfg = compose_config(
+        "data=custom",
+        "model=mlp",
+        "aug=light",
+        "optim.lr=3e-4",
+        "trainer.max_epochs=1",
+        f"init_from='{served_model.checkpoint}'",
+        "registry.enabled=false",
+        *QUIET,
+        output_dir=tmp_path / "run",
+    )
     train(cfg)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     test_images, _ = load_split("custom", "test")
@@ -369,7 +403,9 @@ def test_collected_drawings_train_a_custom_model_that_exports(server, served_mod
     assert {p.key: p.value for p in model.metadata_props}["dataset"] == "custom"
     classifier = load_onnx_classifier(str(tmp_path / "run"))  # what `digitnet serve <that run>` loads
     probs = classifier.probabilities(test_images[:, None].float())
-    assert probs.shape == (len(test_images), 10) and torch.allclose(probs.sum(1), torch.ones(len(test_images)), atol=1e-4)
+    assert probs.shape == (len(test_images), 10) and torch.allclose(
+        probs.sum(1), torch.ones(len(test_images)), atol=1e-4
+    )
 
 
 # ---------------------------------------------------------------------------- who may use the pad
@@ -439,15 +475,21 @@ def test_a_rebound_host_name_is_refused(browser, server, mnist_test):
     page = browser.new_page()
     assert page.goto(f"http://rebound.test:{port}/").status == 400
     # same-origin for the browser, so no preflight and no Origin check can help: only the Host name does
-    status = page.evaluate("""async png => (await fetch("/api/collect?label=8", {method: "POST",
+    status = page.evaluate(
+        """async png => (await fetch("/api/collect?label=8", {method: "POST",
         headers: {"Content-Type": "image/png"}, body: new Uint8Array(png)})).status""",
-                           list(_canvas_png(_first(mnist_test, 8))))
+        list(_canvas_png(_first(mnist_test, 8))),
+    )
     page.close()
     assert status == 400 and _tree(server.dataset_dir) == before
     for method, path in (("GET", "/"), ("GET", "/api/info"), ("POST", "/api/collect?label=8")):
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        connection.request(method, path, _canvas_png(_first(mnist_test, 8)) if method == "POST" else None,
-                           {"Host": f"evil.example:{port}", "Content-Type": "image/png"})
+        connection.request(
+            method,
+            path,
+            _canvas_png(_first(mnist_test, 8)) if method == "POST" else None,
+            {"Host": f"evil.example:{port}", "Content-Type": "image/png"},
+        )
         response = connection.getresponse()
         assert (response.status, response.read()) == (400, b"Invalid host header"), path
         connection.close()
@@ -516,27 +558,38 @@ def test_a_collect_dir_this_user_cannot_write_is_one_line(served_model):
     # root writes into any folder: run the server as nobody then
     as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
     try:
-        command = [sys.executable, "-m", "digitnet.cli", "serve", str(served_model.run_dir),
-                   "--collect-dir", str(readonly / "custom")]
+        command = [
+            sys.executable,
+            "-m",
+            "digitnet.cli",
+            "serve",
+            str(served_model.run_dir),
+            "--collect-dir",
+            str(readonly / "custom"),
+        ]
         result = subprocess.run([*as_nobody, *command], capture_output=True, text=True, timeout=120)
     finally:
         readonly.rmdir()
     assert result.returncode == 2 and result.stdout == "", result
-    assert result.stderr == (f"error: cannot save drawings in {readonly}/custom: {readonly} is not a folder "
-                             "you can write; pass --collect-dir <a folder of yours>\n")
+    assert result.stderr == (
+        f"error: cannot save drawings in {readonly}/custom: {readonly} is not a folder "
+        "you can write; pass --collect-dir <a folder of yours>\n"
+    )
 
 
 def test_a_client_leaving_mid_upload_is_one_console_line(server, mnist_test):
     before = server.console()
     parts = urllib.parse.urlsplit(server.url)
     with socket.create_connection((parts.hostname, parts.port)) as sock:
-        sock.sendall(b"POST /api/collect?label=3 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
-                     b"Content-Length: 100000\r\n\r\n" + _canvas_png(_first(mnist_test, 3))[:5000])
+        sock.sendall(
+            b"POST /api/collect?label=3 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+            b"Content-Length: 100000\r\n\r\n" + _canvas_png(_first(mnist_test, 3))[:5000]
+        )
     for _ in range(300):  # the server notices the closed connection on its own schedule
         if server.console() != before:
             break
         threading.Event().wait(0.1)
-    said = server.console()[len(before):]
+    said = server.console()[len(before) :]
     assert said == "WARNING:  a client left during its upload to /api/collect; nothing saved\n"
     assert _post(server.url + "api/predict", _canvas_png(_first(mnist_test, 3)))[0] == 200
 
@@ -577,8 +630,10 @@ def test_command_line_errors_are_one_line(served_model, tmp_path, capsys):
         ([str(served_model.run_dir), "--port", str(taken.getsockname()[1])], "cannot listen on 127.0.0.1"),
         ([str(served_model.run_dir), "--port", "70000"], "must be between 0 and 65535"),
         ([str(served_model.run_dir), "--host", "0.0.0.0"], "name the host names or addresses its users open it by"),
-        ([str(served_model.run_dir), "--collect-dir", str(served_model.checkpoint / "custom")],
-         "is not a folder you can write"),
+        (
+            [str(served_model.run_dir), "--collect-dir", str(served_model.checkpoint / "custom")],
+            "is not a folder you can write",
+        ),
     ]
     for args, message in cases:
         assert cli.main(["serve", *args]) == 2

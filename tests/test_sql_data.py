@@ -13,12 +13,11 @@ import torch
 from PIL import Image
 
 from conftest import compose_config, run_train
-from postgres_server import BACKENDS, postgres_url  # noqa: F401 (fixture)
 from digitnet import cli
 from digitnet.data.idx import load_split
 from digitnet.data.sql import UNLABELLED, SqlDataModule, Store
 from digitnet.errors import DigitnetError
-
+from postgres_server import BACKENDS, postgres_url  # noqa: F401 (fixture)
 
 
 @pytest.fixture
@@ -92,8 +91,15 @@ def _train_acc(tmp_path, *overrides: str) -> float:
     from digitnet.train import train
 
     cfg = compose_config(
-        "model=mlp", "trainer.max_epochs=1", "trainer.limit_train_batches=40", "debug=test", "seed=3",
-        "callbacks.onnx_export=null", "registry.enabled=false", *overrides, output_dir=tmp_path,
+        "model=mlp",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=40",
+        "debug=test",
+        "seed=3",
+        "callbacks.onnx_export=null",
+        "registry.enabled=false",
+        *overrides,
+        output_dir=tmp_path,
     )
     train(cfg)
     return json.loads((tmp_path / "metrics.json").read_text())
@@ -119,8 +125,9 @@ def test_unlabelled_rows_from_folders_idx_and_npy(url, tmp_path, capsys, real_da
         Image.fromarray(images[i]).resize((84, 84)).save(folder / f"d{i}.png")
     np.save(tmp_path / "more.npy", images[3:12])
     table = _table()
-    code, out, err = _data(capsys, "push-unlabelled", str(folder), str(tmp_path / "more.npy"),
-                           "--url", url, "--table", table, "-q")
+    code, out, err = _data(
+        capsys, "push-unlabelled", str(folder), str(tmp_path / "more.npy"), "--url", url, "--table", table, "-q"
+    )
     assert code == 0, err
     assert _counts(url, table) == {UNLABELLED: (12, 0)}
     with Store(url, table) as store:
@@ -129,8 +136,17 @@ def test_unlabelled_rows_from_folders_idx_and_npy(url, tmp_path, capsys, real_da
     assert torch.equal(rows.images[3:], torch.from_numpy(images[3:12]))  # arrays are stored as they are
 
     (tmp_path / "broken.png").write_bytes(b"not an image")
-    code, _, err = _data(capsys, "push-unlabelled", str(tmp_path / "broken.png"), str(tmp_path / "more.npy"),
-                         "--url", url, "--table", table, "-q")
+    code, _, err = _data(
+        capsys,
+        "push-unlabelled",
+        str(tmp_path / "broken.png"),
+        str(tmp_path / "more.npy"),
+        "--url",
+        url,
+        "--table",
+        table,
+        "-q",
+    )
     assert code == 2 and "nothing pushed" in err and "broken.png" in err
     assert _counts(url, table) == {UNLABELLED: (12, 0)}  # the earlier push is untouched
 
@@ -139,9 +155,12 @@ def test_a_push_failing_half_way_leaves_the_table_as_it_was(url, tiny, capsys):
     table = _table()
     # the same columns, plus a rule the second split breaks
     with Store(url, table, create=True) as store, store.transaction() as conn:
-        conn.exec_driver_sql(f"CREATE TABLE {table} (split VARCHAR(16) NOT NULL, id INTEGER NOT NULL, "
-                             "label INTEGER CHECK (label < 10), pixels BYTEA NOT NULL, PRIMARY KEY (split, id))"
-                             .replace("BYTEA", "BYTEA" if url.startswith("postgresql") else "BLOB"))
+        conn.exec_driver_sql(
+            f"CREATE TABLE {table} (split VARCHAR(16) NOT NULL, id INTEGER NOT NULL, "
+            "label INTEGER CHECK (label < 10), pixels BYTEA NOT NULL, PRIMARY KEY (split, id))".replace(
+                "BYTEA", "BYTEA" if url.startswith("postgresql") else "BLOB"
+            )
+        )
     assert _data(capsys, "push", "mnist", "--url", url, "--table", table, "-q")[0] == 0
     images, labels = load_split("mnist", "test")
     bad_labels = labels.clone()
@@ -166,9 +185,11 @@ def test_bad_stores_are_one_clear_error(url, tiny, capsys):
         store.push({"test": load_split("mnist", "test")}, progress=False)
     engine.dispose()
 
-    with pytest.raises(DigitnetError, match=f"no table 'nope' at .*digitnet data push mnist --url URL --table nope"):
+    with pytest.raises(DigitnetError, match="no table 'nope' at .*digitnet data push mnist --url URL --table nope"):
         _module(url, "nope").prepare_data()
-    with pytest.raises(DigitnetError, match=rf"table '{wrong}' .* has columns \['id', 'image'\].*choose another table name"):
+    with pytest.raises(
+        DigitnetError, match=rf"table '{wrong}' .* has columns \['id', 'image'\].*choose another table name"
+    ):
         _module(url, wrong).setup("fit")
     with pytest.raises(DigitnetError, match=f"table '{empty}' .* has no split 'train'; push them"):
         _module(url, empty).setup("fit")
@@ -228,8 +249,11 @@ def test_predict_from_sql_writes_one_row_per_input_and_model(trained, url, tmp_p
         return out
 
     out = predict(trained.record_id[:8])
-    assert re.fullmatch(rf"wrote 40 predictions of registry model {trained.record_id[:8]} .* into table "
-                        rf"'{table}_predictions' at .*\n", out)
+    assert re.fullmatch(
+        rf"wrote 40 predictions of registry model {trained.record_id[:8]} .* into table "
+        rf"'{table}_predictions' at .*\n",
+        out,
+    )
     first = _predictions(url, f"{table}_predictions")
     predict(trained.record_id)  # the same model again: its rows are replaced, not added
     again = _predictions(url, f"{table}_predictions")
@@ -240,8 +264,9 @@ def test_predict_from_sql_writes_one_row_per_input_and_model(trained, url, tmp_p
     from digitnet.classifier import load_classifier
 
     expected = load_classifier(str(trained.checkpoint)).probabilities(images[:40, None].float() / 255)
-    probs = torch.tensor([json.loads(r["probabilities"]) if isinstance(r["probabilities"], str) else r["probabilities"]
-                          for r in again])
+    probs = torch.tensor(
+        [json.loads(r["probabilities"]) if isinstance(r["probabilities"], str) else r["probabilities"] for r in again]
+    )
     assert torch.allclose(probs, expected, atol=1e-6)
     assert [r["predicted"] for r in again] == expected.argmax(1).tolist()
     assert [r["class_name"] for r in again] == [str(k) for k in expected.argmax(1).tolist()]

@@ -15,10 +15,10 @@ import sqlalchemy as sa
 from hydra import compose, initialize_config_dir
 
 from conftest import REPO, compose_config, run_train
-from postgres_server import BACKENDS, postgres_url  # noqa: F401 (fixture)
 from digitnet import cli
 from digitnet.data.idx import load_split
 from digitnet.registry import Registry
+from postgres_server import BACKENDS, postgres_url  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow  # push, train, evaluate and predict through the database
 
@@ -36,8 +36,15 @@ def _train(url: str, output_dir, *overrides: str) -> dict:
     """`python train.py` in-process, data and registry in the database."""
     from digitnet.train import train
 
-    cfg = compose_config(*SHORT, "data=sql", f"data.url={url}", "data.table=mnist", f"registry.url={url}", *overrides,
-                         output_dir=output_dir)
+    cfg = compose_config(
+        *SHORT,
+        "data=sql",
+        f"data.url={url}",
+        "data.table=mnist",
+        f"registry.url={url}",
+        *overrides,
+        output_dir=output_dir,
+    )
     train(cfg)
     return json.loads((output_dir / "metrics.json").read_text())
 
@@ -50,8 +57,9 @@ def _latest(url: str):
 def test_everything_from_the_database_after_outputs_is_gone(real_data, url, tmp_path, capsys, monkeypatch):
     assert cli.main(["data", "push", "mnist", "--url", url, "--table", "mnist", "-q"]) == 0
     outputs = tmp_path / "outputs"
-    run = run_train(*SHORT, "data=sql", f"data.url={url}", "data.table=mnist", f"registry.url={url}",
-                    run_dir=outputs / "first")
+    run = run_train(
+        *SHORT, "data=sql", f"data.url={url}", "data.table=mnist", f"registry.url={url}", run_dir=outputs / "first"
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     first = _latest(url)
     assert first.ckpt_bytes == Path(first.checkpoint).stat().st_size and first.dataset == "mnist"
@@ -60,8 +68,9 @@ def test_everything_from_the_database_after_outputs_is_gone(real_data, url, tmp_
 
     images = load_split("mnist", "test")[0][:25].numpy()
     np.save(tmp_path / "inbox.npy", images)
-    assert cli.main(["data", "push-unlabelled", str(tmp_path / "inbox.npy"), "--url", url, "--table", "inbox",
-                     "-q"]) == 0
+    assert (
+        cli.main(["data", "push-unlabelled", str(tmp_path / "inbox.npy"), "--url", url, "--table", "inbox", "-q"]) == 0
+    )
     assert cli.main(["predict", first.id[:8], "--db", url, "--from-sql", url, "--table", "inbox", "-q"]) == 0
     engine = sa.create_engine(url)
     with engine.connect() as conn:
@@ -85,14 +94,36 @@ def test_everything_from_the_database_after_outputs_is_gone(real_data, url, tmp_
     from digitnet.evaluate import evaluate
 
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        eval_cfg = compose("eval", overrides=[f"ckpt_path='{first.id[:8]}'", f"registry.url={url}", "logger=none",
-                                              f"paths.output_dir={tmp_path / 'eval'}"])
+        eval_cfg = compose(
+            "eval",
+            overrides=[
+                f"ckpt_path='{first.id[:8]}'",
+                f"registry.url={url}",
+                "logger=none",
+                f"paths.output_dir={tmp_path / 'eval'}",
+            ],
+        )
     assert evaluate(eval_cfg) == pytest.approx(first_acc, abs=1e-6)
-    assert f"Model: `registry model {first.id[:8]} (stored checkpoint)`" in (tmp_path / "eval" / "report.md").read_text()
+    assert (
+        f"Model: `registry model {first.id[:8]} (stored checkpoint)`" in (tmp_path / "eval" / "report.md").read_text()
+    )
 
     assert cli.main(["models", "--db", url, "show", first.id[:8], "--ckpt-out", str(tmp_path / "f.ckpt")]) == 0
     monkeypatch.setenv("DIGITNET_REGISTRY", url)
-    export = subprocess.run([sys.executable, "-m", "digitnet.cli", "export", first.id[:8], "-o",
-                             str(tmp_path / "m.onnx"), "--test-images", "500"], capture_output=True, text=True)
+    export = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "digitnet.cli",
+            "export",
+            first.id[:8],
+            "-o",
+            str(tmp_path / "m.onnx"),
+            "--test-images",
+            "500",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert export.returncode == 0, export.stderr
     assert (tmp_path / "m.onnx").is_file() and (tmp_path / "f.ckpt").stat().st_size == first.ckpt_bytes

@@ -17,9 +17,9 @@ import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState
-from postgres_server import postgres_url  # noqa: F401 (fixture)
 
 from digitnet.sweep import report
+from postgres_server import postgres_url  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow  # every test runs sweeps, each a process of its own
 
@@ -33,9 +33,7 @@ def command(*args: str, study: str = "demo") -> list[str]:
 
 
 def sweep(cwd: Path, *args: str, study: str = "demo", status: int = 0) -> str:
-    done = subprocess.run(
-        command(*args, study=study), cwd=cwd, capture_output=True, text=True, timeout=300
-    )
+    done = subprocess.run(command(*args, study=study), cwd=cwd, capture_output=True, text=True, timeout=300)
     output = done.stdout + done.stderr
     assert done.returncode == status, output
     return output
@@ -45,8 +43,12 @@ def start(cwd: Path, *args: str, study: str = "demo") -> subprocess.Popen:
     # SIGINT back to its default, so the worker gets Ctrl-C as KeyboardInterrupt even when the tests
     # themselves run in the background (nohup, `&`), where it is inherited as ignored
     return subprocess.Popen(
-        command(*args, study=study), cwd=cwd, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        command(*args, study=study),
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
@@ -79,9 +81,7 @@ def test_sweep_writes_report_resumes_and_extends(tmp_path):
     assert best["best"]["value"] == study.best_value
     assert best["best"]["params"] == study.best_params
     assert (sweep_dir / "trials.csv").read_text().count("\n") == 7
-    assert {"optimization_history.png", "parallel_coordinate.png"} <= {
-        p.name for p in (sweep_dir / "plots").iterdir()
-    }
+    assert {"optimization_history.png", "parallel_coordinate.png"} <= {p.name for p in (sweep_dir / "plots").iterdir()}
 
     # The command in best.yaml reproduces the best trial as a single run.
     argv = shlex.split(best["best"]["command"])
@@ -107,11 +107,19 @@ def test_sweep_writes_report_resumes_and_extends(tmp_path):
         (["nope=interval(0,1)"], "bad sweep parameter: Could not override 'nope'"),
         (["model=small,huge"], "bad sweep parameter: In 'config': Could not find 'model/huge'"),
         (["x=interval(0.8,0.2)"], r"x: interval\(0.8, 0.2\) is empty"),
-        (["x=interval(0,1)", "hydra.sweeper.storage=postgresql+psycopg2://u@127.0.0.1:9/db"],
-         "cannot open sweep storage"),
+        (
+            ["x=interval(0,1)", "hydra.sweeper.storage=postgresql+psycopg2://u@127.0.0.1:9/db"],
+            "cannot open sweep storage",
+        ),
         (["x=interval(0,1)", "hydra.sweeper.n_jobs=0"], "hydra.sweeper.n_jobs must be at least 1, got 0"),
-        (["x=interval(0,1)", "optimized_metric=[val/acc_best,params]",
-          "hydra.sweeper.direction=[maximize,minimize]"], "Optuna cannot prune multi-objective"),
+        (
+            [
+                "x=interval(0,1)",
+                "optimized_metric=[val/acc_best,params]",
+                "hydra.sweeper.direction=[maximize,minimize]",
+            ],
+            "Optuna cannot prune multi-objective",
+        ),
     ],
 )
 def test_bad_sweep_configs_fail_before_training(tmp_path, args, message):
@@ -122,8 +130,7 @@ def test_bad_sweep_configs_fail_before_training(tmp_path, args, message):
 
 
 def test_failed_trials_are_recorded_and_the_sweep_goes_on(tmp_path):
-    sweep(tmp_path, *SPACE, "crash_above=0.5", "hydra.sweeper.n_trials=6",
-          "hydra.sweeper.max_failure_rate=1.0")
+    sweep(tmp_path, *SPACE, "crash_above=0.5", "hydra.sweeper.n_trials=6", "hydra.sweeper.max_failure_rate=1.0")
     trials = load(tmp_path).trials
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert failed and len(failed) < 6
@@ -135,15 +142,22 @@ def test_failed_trials_are_recorded_and_the_sweep_goes_on(tmp_path):
 
 @pytest.mark.parametrize("crash_as, traceback", [("runtime", True), ("digitnet", False)])
 def test_a_failed_trial_shows_a_traceback_only_for_a_bug(tmp_path, crash_as, traceback):
-    out = sweep(tmp_path, *SPACE, "crash_above=-1", f"crash_as={crash_as}", "hydra.sweeper.n_trials=1",
-                "hydra.sweeper.max_failure_rate=1.0")
+    out = sweep(
+        tmp_path,
+        *SPACE,
+        "crash_above=-1",
+        f"crash_as={crash_as}",
+        "hydra.sweeper.n_trials=1",
+        "hydra.sweeper.max_failure_rate=1.0",
+    )
     assert re.search(r"trial #0 failed: \w+Error: diverged at x=", out)
     assert ("Traceback" in out) == traceback
 
 
 def test_too_many_failures_stop_the_sweep(tmp_path):
-    out = sweep(tmp_path, *SPACE, "crash_above=-1", "hydra.sweeper.n_trials=8",
-                "hydra.sweeper.max_failure_rate=0.25", status=2)
+    out = sweep(
+        tmp_path, *SPACE, "crash_above=-1", "hydra.sweeper.n_trials=8", "hydra.sweeper.max_failure_rate=0.25", status=2
+    )
     assert "error: 3 of 8 trials failed, more than max_failure_rate=0.25" in out
     assert len(load(tmp_path).trials) == 3  # stopped once 3 > 0.25 * 8
 
@@ -157,17 +171,25 @@ def test_pruning_trains_clearly_fewer_epochs(tmp_path):
         trials = load(tmp_path, study).trials
         epochs[study] = report.epochs_trained(trials)
         pruned[study] = sum(t.state == TrialState.PRUNED for t in trials)
-    print(f"16 trials x 8 epochs: {epochs['none']} epochs without pruning, "
-          f"{epochs['median']} with median pruning ({pruned['median']} trials pruned)")
+    print(
+        f"16 trials x 8 epochs: {epochs['none']} epochs without pruning, "
+        f"{epochs['median']} with median pruning ({pruned['median']} trials pruned)"
+    )
     assert epochs["none"] == 16 * 8 and pruned["none"] == 0
     assert pruned["median"] > 0
     assert epochs["median"] <= 0.75 * epochs["none"]
 
 
 def test_multi_objective_sweep_reports_the_pareto_front(tmp_path):
-    sweep(tmp_path, *SPACE, "optimized_metric=[val/acc_best,params]",
-          "hydra.sweeper.direction=[maximize,minimize]", "hydra.sweeper.sampler=nsgaii",
-          "hydra.sweeper.pruner=none", "hydra.sweeper.n_trials=6")
+    sweep(
+        tmp_path,
+        *SPACE,
+        "optimized_metric=[val/acc_best,params]",
+        "hydra.sweeper.direction=[maximize,minimize]",
+        "hydra.sweeper.sampler=nsgaii",
+        "hydra.sweeper.pruner=none",
+        "hydra.sweeper.n_trials=6",
+    )
     study = load(tmp_path)
     best = yaml.safe_load((tmp_path / "sweeps" / "demo" / "best.yaml").read_text())
     assert {t["trial"] for t in best["pareto_front"]} == {t.number for t in study.best_trials}
@@ -175,8 +197,9 @@ def test_multi_objective_sweep_reports_the_pareto_front(tmp_path):
 
 
 def test_grid_sampler_runs_each_point_once(tmp_path):
-    out = sweep(tmp_path, "model=small,big", "lr=choice(0.01,0.001)",
-                "hydra.sweeper.sampler=grid", "hydra.sweeper.n_trials=10")
+    out = sweep(
+        tmp_path, "model=small,big", "lr=choice(0.01,0.001)", "hydra.sweeper.sampler=grid", "hydra.sweeper.n_trials=10"
+    )
     assert "the grid has 4 points" in out
     params = [tuple(sorted(t.params.items())) for t in load(tmp_path).trials]
     assert len(params) == 4 and len(set(params)) == 4
@@ -192,8 +215,14 @@ def wait_for_trial_dir(cwd: Path, number: int, process: subprocess.Popen) -> Non
     raise AssertionError(f"trial {number} never started")
 
 
-SLOW = [*SPACE, "epochs=4", "seconds_per_epoch=0.25", "hydra.sweeper.n_trials=5",
-        "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=2"]
+SLOW = [
+    *SPACE,
+    "epochs=4",
+    "seconds_per_epoch=0.25",
+    "hydra.sweeper.n_trials=5",
+    "hydra.sweeper.heartbeat_interval=1",
+    "hydra.sweeper.grace_period=2",
+]
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill"])
@@ -249,22 +278,31 @@ def test_hydra_optuna_sweeper_installed_alongside_leaves_ours_the_default(tmp_pa
     plugins' import order, and `-m` runs ours."""
     site = tmp_path / "site"
     pip = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site),
-         "hydra-optuna-sweeper"], capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), "hydra-optuna-sweeper"],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert pip.returncode == 0, pip.stderr
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
 
     def sweeper_target(*overrides: str) -> str:
-        shown = subprocess.run([sys.executable, str(APP), *overrides, "--cfg", "hydra"], cwd=tmp_path, env=env,
-                               capture_output=True, text=True, timeout=120)
+        shown = subprocess.run(
+            [sys.executable, str(APP), *overrides, "--cfg", "hydra"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert shown.returncode == 0, shown.stderr
         return yaml.safe_load(shown.stdout)["hydra"]["sweeper"].get("_target_", "")
 
     assert sweeper_target("hydra/sweeper=optuna").endswith(".OptunaSweeper")  # theirs is installed
     assert sweeper_target() == "hydra_plugins.digitnet_optuna_sweeper.sweeper.DigitnetOptunaSweeper"
-    done = subprocess.run(command(*SPACE, "hydra.sweeper.n_trials=2"), cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        command(*SPACE, "hydra.sweeper.n_trials=2"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert_exactly_ended(load(tmp_path), 2)
     assert (tmp_path / "sweeps" / "demo" / "best.yaml").is_file()  # our report

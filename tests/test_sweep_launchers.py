@@ -13,6 +13,7 @@ import optuna
 import pytest
 import yaml
 from optuna.trial import FrozenTrial, TrialState
+
 from digitnet.errors import DigitnetError
 from digitnet.sweep.study import load_study
 from slurm_cluster import slurm_cluster  # noqa: F401 (fixture)
@@ -76,8 +77,14 @@ def test_trials_keep_their_folders_when_a_batch_is_not_consecutive(tmp_path):
 
 
 def test_submitit_local_runs_each_trial_as_a_job(tmp_path):
-    sweep(tmp_path, *SPACE, "epochs=2", "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=2",
-          "hydra/launcher=submitit_local")
+    sweep(
+        tmp_path,
+        *SPACE,
+        "epochs=2",
+        "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.n_trials=2",
+        "hydra/launcher=submitit_local",
+    )
     study = load(tmp_path)
     assert_exactly_ended(study, 2)
     assert_ran_in_pairs(study)
@@ -85,8 +92,13 @@ def test_submitit_local_runs_each_trial_as_a_job(tmp_path):
     assert len(jobs) == 2 and all((tmp_path / "sweeps" / "demo" / ".submitit" / j).is_dir() for j in jobs)
 
 
-SLURM = [*PARALLEL, "hydra/launcher=submitit_slurm", "hydra.sweeper.n_trials=4",
-         "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3"]
+SLURM = [
+    *PARALLEL,
+    "hydra/launcher=submitit_slurm",
+    "hydra.sweeper.n_trials=4",
+    "hydra.sweeper.heartbeat_interval=1",
+    "hydra.sweeper.grace_period=3",
+]
 
 
 @pytest.mark.slurm

@@ -94,9 +94,7 @@ def test_samples_cover_every_categorical_choice():
     assert s.samples() == [["c=3", "a=x", "b=1.0"], ["c=3", "a=y", "b=1.0"], ["c=3", "a=z", "b=1.0"]]
 
 
-@pytest.mark.parametrize(
-    "text", ["sqlite:////tmp/a b/study.db", "postgresql://u:p'w\\d\\'@h:5/db\\", "a,b", "val/acc"]
-)
+@pytest.mark.parametrize("text", ["sqlite:////tmp/a b/study.db", "postgresql://u:p'w\\d\\'@h:5/db\\", "a,b", "val/acc"])
 def test_override_values_survive_hydras_parser(text):
     assert PARSER.parse_override(f"++k={override_value(text)}").value() == text
 

@@ -17,15 +17,25 @@ from hydra_plugins.digitnet_optuna_sweeper.search_space import parse_search_spac
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted(p.stem for p in (REPO / "conf" / "sweep").glob("*.yaml"))
-TINY = ["model=mlp", "trainer.max_epochs=2", "trainer.limit_train_batches=5",
-        "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "callbacks.progress_bar=null",
-        "trainer.enable_progress_bar=false", "callbacks.onnx_export.test_images=500"]
+TINY = [
+    "model=mlp",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=5",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "callbacks.progress_bar=null",
+    "trainer.enable_progress_bar=false",
+    "callbacks.onnx_export.test_images=500",
+]
 
 
 def train_sweep(cwd: Path, *args: str) -> str:
     done = subprocess.run(
         [sys.executable, str(REPO / "train.py"), "-m", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=600,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout + done.stderr
@@ -48,9 +58,15 @@ def test_example_sweeps_compose_every_choice(name):
 
 @pytest.mark.slow
 def test_tiny_real_sweep_reports_every_epoch_and_writes_runs(real_data, tmp_path):
-    train_sweep(tmp_path, *TINY, "optim.lr=tag(log,interval(1e-3,1e-2))", "model.dropout=0.0,0.2",
-                "hydra.sweeper.study_name=tiny", "hydra.sweeper.n_trials=2",
-                "hydra.sweeper.monitor=val/acc")
+    train_sweep(
+        tmp_path,
+        *TINY,
+        "optim.lr=tag(log,interval(1e-3,1e-2))",
+        "model.dropout=0.0,0.2",
+        "hydra.sweeper.study_name=tiny",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.monitor=val/acc",
+    )
     sweep_dir = tmp_path / "sweeps" / "tiny"
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{sweep_dir}/study.db")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
@@ -77,16 +93,23 @@ def test_quick_sweeps_pruner_saves_epochs_yet_lets_sampled_trials_finish(real_da
     assert "PRUNED" in states
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
         pruner = compose("train", overrides=["sweep=quick"], return_hydra_config=True).hydra.sweeper.pruner
-    assert "COMPLETE" in states[pruner.n_startup_trials:], states
+    assert "COMPLETE" in states[pruner.n_startup_trials :], states
     epochs = sum(len(t.intermediate_values) for t in study.trials)
     assert epochs < n_trials * 4
 
 
 @pytest.mark.slow
 def test_tiny_real_sweep_runs_trials_in_parallel_with_joblib(real_data, tmp_path):
-    train_sweep(tmp_path, *TINY, "optim.lr=tag(log,interval(1e-3,1e-2))", "hydra.sweeper.study_name=par",
-                "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "hydra/launcher=joblib",
-                "hydra.sweeper.monitor=val/acc")
+    train_sweep(
+        tmp_path,
+        *TINY,
+        "optim.lr=tag(log,interval(1e-3,1e-2))",
+        "hydra.sweeper.study_name=par",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.n_jobs=2",
+        "hydra/launcher=joblib",
+        "hydra.sweeper.monitor=val/acc",
+    )
     sweep_dir = tmp_path / "sweeps" / "par"
     study = optuna.load_study(study_name="par", storage=f"sqlite:///{sweep_dir}/study.db")
     a, b = study.trials

@@ -25,17 +25,29 @@ from digitnet.train import train
 
 pytestmark = pytest.mark.slow  # real runs and a sweep, read back through a TensorBoard server
 
-TINY = ["model=mlp", "sched=none", "trainer.limit_train_batches=6", "trainer.limit_val_batches=2",
-        "trainer.limit_test_batches=2", "trainer.log_every_n_steps=2", "callbacks.onnx_export.test_images=200",
-        "callbacks.progress_bar=null", "trainer.enable_progress_bar=false"]
+TINY = [
+    "model=mlp",
+    "sched=none",
+    "trainer.limit_train_batches=6",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "trainer.log_every_n_steps=2",
+    "callbacks.onnx_export.test_images=200",
+    "callbacks.progress_bar=null",
+    "trainer.enable_progress_bar=false",
+]
 CURVES = ["train/loss", "val/acc"]
 
 
 def logged_steps(run_dir: Path, tag: str) -> list[int]:
     """The steps at which the run's event files hold scalar `tag` (read with TensorBoard's file reader)."""
-    steps = {event.step for path in sorted(run_dir.glob("events.out.tfevents.*"))
-             for event in EventFileLoader(str(path)).Load()
-             for value in event.summary.value if value.tag == tag}
+    steps = {
+        event.step
+        for path in sorted(run_dir.glob("events.out.tfevents.*"))
+        for event in EventFileLoader(str(path)).Load()
+        for value in event.summary.value
+        if value.tag == tag
+    }
     return sorted(steps)
 
 
@@ -46,8 +58,11 @@ def tensorboard(logdir: Path, stderr: Path):
         port = free.getsockname()[1]
     binary = Path(sys.executable).parent / "tensorboard"
     with stderr.open("w") as err:
-        server = subprocess.Popen([str(binary), "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(port)],
-                                  stdout=subprocess.DEVNULL, stderr=err)
+        server = subprocess.Popen(
+            [str(binary), "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -82,8 +97,9 @@ def scalar_steps(base: str, run: str, tag: str) -> list[int]:
 
 def session_groups(base: str) -> dict[str, dict]:
     statuses = ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]
-    answer = fetch(f"{base}/data/plugin/hparams/session_groups",
-                   {"startIndex": 0, "sliceSize": 100, "allowedStatuses": statuses})
+    answer = fetch(
+        f"{base}/data/plugin/hparams/session_groups", {"startIndex": 0, "sliceSize": 100, "allowedStatuses": statuses}
+    )
     return {group["name"]: group for group in answer["sessionGroups"]}
 
 
@@ -92,9 +108,20 @@ def test_tensorboard_serves_every_step_and_the_final_metrics(real_data, tmp_path
     last = tmp_path / "single" / "checkpoints" / "last.ckpt"
     train(compose_config(*TINY, "trainer.max_epochs=3", f"ckpt_path={last}", output_dir=tmp_path / "resumed"))
     sweep = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "-m", *TINY, "trainer.max_epochs=2", "model.dropout=0.0,0.1",
-         "hydra.sweeper.study_name=tiny", "hydra.sweeper.n_trials=1"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            "-m",
+            *TINY,
+            "trainer.max_epochs=2",
+            "model.dropout=0.0,0.1",
+            "hydra.sweeper.study_name=tiny",
+            "hydra.sweeper.n_trials=1",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert sweep.returncode == 0, sweep.stdout + sweep.stderr
     runs = {"single": tmp_path / "single", "resumed": tmp_path / "resumed", "sweeps/tiny/0": tmp_path / "sweeps/tiny/0"}

@@ -17,21 +17,33 @@ from conftest import REPO, compose_config
 from digitnet.train import train
 from wandb_records import items, records
 
-TINY = ["model=mlp", "sched=none", "trainer.max_epochs=2", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
-        "trainer.limit_test_batches=2", "callbacks.onnx_export.test_images=100", "debug=test"]
+TINY = [
+    "model=mlp",
+    "sched=none",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=4",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "callbacks.onnx_export.test_images=100",
+    "debug=test",
+]
 
 
 def test_logger_group_takes_several_loggers(tmp_path):
     cfg = compose_config("logger=[tensorboard,mlflow,wandb]", output_dir=tmp_path)
-    assert [c._target_.rsplit(".", 1)[1] for c in cfg.logger.values()] == ["TensorBoardLogger", "MLFlowLogger", "WandbLogger"]
+    assert [c._target_.rsplit(".", 1)[1] for c in cfg.logger.values()] == [
+        "TensorBoardLogger",
+        "MLFlowLogger",
+        "WandbLogger",
+    ]
     assert not compose_config("logger=none", output_dir=tmp_path).get("logger")
 
 
 def test_a_defaults_list_takes_several_loggers(tmp_path):
     """`- logger: [tensorboard, mlflow]` in a config's defaults list, e.g. an experiment's."""
     (tmp_path / "mine.yaml").write_text(
-        f"defaults:\n  - logger: [tensorboard, mlflow]\n  - _self_\n"
-        f"hydra:\n  searchpath: [file://{REPO / 'conf'}]\n")
+        f"defaults:\n  - logger: [tensorboard, mlflow]\n  - _self_\nhydra:\n  searchpath: [file://{REPO / 'conf'}]\n"
+    )
     with initialize_config_dir(version_base="1.3", config_dir=str(tmp_path)):
         assert list(compose("mine").logger) == ["tensorboard", "mlflow"]
 
@@ -47,8 +59,14 @@ def artifact_files(client: MlflowClient, run_id: str, path: str | None = None) -
 def test_mlflow_run_holds_params_curves_figures_and_model(real_data, tmp_path, monkeypatch):
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    train(compose_config(*TINY, "logger=[tensorboard,mlflow]", f"logger.mlflow.artifact_location={tmp_path / 'artifacts'}",
-                         output_dir=tmp_path / "run"))
+    train(
+        compose_config(
+            *TINY,
+            "logger=[tensorboard,mlflow]",
+            f"logger.mlflow.artifact_location={tmp_path / 'artifacts'}",
+            output_dir=tmp_path / "run",
+        )
+    )
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
 
     client = MlflowClient(store)
@@ -93,15 +111,22 @@ def test_wandb_offline_run_holds_the_same(real_data, tmp_path):
 
 @pytest.mark.slow
 def test_eval_sends_its_report_to_the_loggers(real_data, tmp_path, tmp_path_factory):
+    from digitnet.evaluate import evaluate
     from test_evaluate import eval_config
     from tiny_run import tiny_run
 
-    from digitnet.evaluate import evaluate
-
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    acc = evaluate(eval_config(f"ckpt_path='{tiny_run(tmp_path_factory).checkpoint}'", "data.limit=300", "logger=mlflow",
-                               f"logger.mlflow.tracking_uri={store}", "logger.mlflow.experiment_name=eval",
-                               f"logger.mlflow.artifact_location={tmp_path / 'artifacts'}", output_dir=tmp_path / "eval"))
+    acc = evaluate(
+        eval_config(
+            f"ckpt_path='{tiny_run(tmp_path_factory).checkpoint}'",
+            "data.limit=300",
+            "logger=mlflow",
+            f"logger.mlflow.tracking_uri={store}",
+            "logger.mlflow.experiment_name=eval",
+            f"logger.mlflow.artifact_location={tmp_path / 'artifacts'}",
+            output_dir=tmp_path / "eval",
+        )
+    )
     client = MlflowClient(store)
     (run,) = client.search_runs([client.get_experiment_by_name("eval").experiment_id])
     assert run.data.metrics["eval/acc"] == pytest.approx(acc) and "eval/ece" in run.data.metrics
@@ -116,8 +141,9 @@ def test_a_failed_run_ends_its_wandb_run(real_data, tmp_path):
     """A sweep trial that raises must not leave its W&B run open: the next trial would log into it."""
     import wandb
 
-    cfg = compose_config(*TINY, "logger=wandb", "+callbacks.boom._target_=failing_callback.Boom",
-                         output_dir=tmp_path / "failed")
+    cfg = compose_config(
+        *TINY, "logger=wandb", "+callbacks.boom._target_=failing_callback.Boom", output_dir=tmp_path / "failed"
+    )
     with pytest.raises(RuntimeError, match="boom after epoch 0"):
         train(cfg)
     assert wandb.run is None

@@ -27,8 +27,16 @@ def _test_loss(module: DigitClassifier, state_dict: dict, images: torch.Tensor, 
 
 def test_ema_weights_are_checkpointed_and_tested(tiny_mnist, monkeypatch, tmp_path):
     monkeypatch.setenv("DIGITNET_DATA", str(tiny_mnist))
-    cfg = compose_config("model=mlp", "module.ema_decay=0.5", "data.val_size=50", "data.batch_size=16",
-                         "trainer.max_epochs=2", "optim.lr=0.01", *QUIET, output_dir=tmp_path)
+    cfg = compose_config(
+        "model=mlp",
+        "module.ema_decay=0.5",
+        "data.val_size=50",
+        "data.batch_size=16",
+        "trainer.max_epochs=2",
+        "optim.lr=0.01",
+        *QUIET,
+        output_dir=tmp_path,
+    )
     train(cfg)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     checkpoint = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=False)
@@ -93,8 +101,15 @@ def test_bf16_autocast_run_checkpoints_and_exports_float32(tiny_mnist, monkeypat
     """The recipes train with trainer.precision=bf16-mixed; the weights and the ONNX model stay float32."""
     monkeypatch.setenv("DIGITNET_DATA", str(tiny_mnist))
     quiet = [o for o in QUIET if not o.startswith("callbacks.onnx_export")]
-    cfg = compose_config("model=convpool", "trainer.precision=bf16-mixed", "module.channels_last=true", "data.val_size=50",
-                         "trainer.max_epochs=1", *quiet, output_dir=tmp_path)
+    cfg = compose_config(
+        "model=convpool",
+        "trainer.precision=bf16-mixed",
+        "module.channels_last=true",
+        "data.val_size=50",
+        "trainer.max_epochs=1",
+        *quiet,
+        output_dir=tmp_path,
+    )
     train(cfg)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     weights = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]

@@ -33,8 +33,12 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
         root = tmp_path_factory.mktemp("tiny_run")
         url = f"sqlite:///{root / 'registry.db'}"
         cfg = compose_config(
-            "model=mlp", "trainer.max_epochs=1", "trainer.limit_train_batches=30", "debug=test",
-            f"registry.url={url}", output_dir=root / "run",
+            "model=mlp",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=30",
+            "debug=test",
+            f"registry.url={url}",
+            output_dir=root / "run",
         )
         train(cfg)
         metrics = json.loads((root / "run" / "metrics.json").read_text())

@@ -26,8 +26,8 @@ def records(path: Path) -> Iterator[Record]:
         if room < CHUNK_HEADER:  # block padding
             offset += room
             continue
-        length, kind = int.from_bytes(data[offset + 4:offset + 6], "little"), data[offset + 6]
-        payload = data[offset + CHUNK_HEADER:offset + CHUNK_HEADER + length]
+        length, kind = int.from_bytes(data[offset + 4 : offset + 6], "little"), data[offset + 6]
+        payload = data[offset + CHUNK_HEADER : offset + CHUNK_HEADER + length]
         offset += CHUNK_HEADER + length
         if kind == 0:  # zero-filled tail of the last block
             continue

@@ -44,7 +44,7 @@ def read_option(path: Path) -> tuple[str, dict, dict[str, str], str | None]:
         while stack and stack[-1][0] >= indent:
             stack.pop()
         stack.append((indent, key))
-        inline = INLINE_COMMENT.search(line[match.end():])
+        inline = INLINE_COMMENT.search(line[match.end() :])
         text = " ".join(pending + ([inline.group(1)] if inline else []))
         if text:
             comments[".".join(k for _, k in stack)] = text

@@ -31,8 +31,10 @@ def registry_checkpoint(spec: str, registry_url: str | None = None) -> tuple[str
         return record.id, record.ckpt
     if record.checkpoint and Path(record.checkpoint).is_file():
         return record.id, Path(record.checkpoint)
-    raise DigitnetError(f"registry model {record.id[:8]} has no checkpoint stored (recorded with "
-                        f"registry.store_checkpoint=false or by an older digitnet) and its file {record.checkpoint} is gone")
+    raise DigitnetError(
+        f"registry model {record.id[:8]} has no checkpoint stored (recorded with "
+        f"registry.store_checkpoint=false or by an older digitnet) and its file {record.checkpoint} is gone"
+    )
 
 
 def _is_file_spec(spec: str | Path) -> bool:
@@ -66,8 +68,9 @@ def load_checkpoint(spec: str | Path, registry_url: str | None = None) -> L.Ligh
     env DIGITNET_REGISTRY or outputs/registry.db); foreign or broken files give a DigitnetError."""
     if _is_file_spec(spec):
         if not Path(spec).is_file():
-            raise DigitnetError(f"checkpoint {spec} not found; pass a .ckpt file from a run's checkpoints/ folder "
-                                "or a registry id")
+            raise DigitnetError(
+                f"checkpoint {spec} not found; pass a .ckpt file from a run's checkpoints/ folder or a registry id"
+            )
         return load_checkpoint_from(Path(spec), str(spec))
     record_id, source = registry_checkpoint(str(spec), registry_url)
     return load_checkpoint_from(source, f"registry model {record_id[:8]}")
@@ -78,8 +81,9 @@ def load_checkpoint_from(source: Path | bytes, path: str) -> L.LightningModule:
     from digitnet.module import DigitClassifier  # the module pulls in Lightning's full stack
 
     try:
-        checkpoint = torch.load(io.BytesIO(source) if isinstance(source, bytes) else source,
-                                map_location="cpu", weights_only=True)
+        checkpoint = torch.load(
+            io.BytesIO(source) if isinstance(source, bytes) else source, map_location="cpu", weights_only=True
+        )
     except Exception as err:  # not a zip/pickle at all, or pickled objects that are not weights
         raise DigitnetError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__})") from None
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
@@ -106,14 +110,21 @@ def load_checkpoint_from(source: Path | bytes, path: str) -> L.LightningModule:
 # the flat `aug` keys of earlier versions -> (op, its keyword), in the order those ops ran
 _FLAT_AUG_KEYS = {
     "hflip_p": ("hflip", "p"),
-    **{key: ("warp", key) for key in ("degrees", "translate", "translate_whole_px", "scale", "elastic_alpha",
-                                      "elastic_sigma")},
-    "erase_p": ("erase", "p"), "erase_scale": ("erase", "scale"), "erase_ratio": ("erase", "ratio"),
+    **{
+        key: ("warp", key)
+        for key in ("degrees", "translate", "translate_whole_px", "scale", "elastic_alpha", "elastic_sigma")
+    },
+    "erase_p": ("erase", "p"),
+    "erase_scale": ("erase", "scale"),
+    "erase_ratio": ("erase", "ratio"),
     "erase_value": ("erase", "value"),
-    "alias_p": ("alias", "p"), "alias_factor": ("alias", "factor"),
-    "blur_p": ("blur", "p"), "blur_sigma": ("blur", "sigma"),
+    "alias_p": ("alias", "p"),
+    "alias_factor": ("alias", "factor"),
+    "blur_p": ("blur", "p"),
+    "blur_sigma": ("blur", "sigma"),
     "invert_p": ("invert", "p"),
-    "contrast": ("jitter", "contrast"), "brightness": ("jitter", "brightness"),
+    "contrast": ("jitter", "contrast"),
+    "brightness": ("jitter", "brightness"),
     "noise_std": ("noise", "std"),
 }
 
@@ -123,7 +134,9 @@ def _aug_ops(flat: dict) -> dict:
     ops: dict[str, dict] = {}
     for key, (op, arg) in _FLAT_AUG_KEYS.items():
         if key in flat:
-            ops.setdefault(op, {"p": 0.0} if op in ("hflip", "erase", "alias", "blur", "invert") else {})[arg] = flat[key]
+            ops.setdefault(op, {"p": 0.0} if op in ("hflip", "erase", "alias", "blur", "invert") else {})[arg] = flat[
+                key
+            ]
     return {"name": flat.get("name", "custom"), "ops": ops}
 
 

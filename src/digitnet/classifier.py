@@ -15,6 +15,7 @@ from digitnet.errors import DigitnetError
 
 BATCH = 1000
 
+
 @dataclass
 class Classifier:
     """A trained model behind one interface: float [N,1,28,28] (any pixel scale) -> probabilities [N,C]."""
@@ -31,8 +32,9 @@ def default_device() -> torch.device:
     return torch.accelerator.current_accelerator(check_available=True) or torch.device("cpu")
 
 
-def classifier_from_checkpoint(path: str | Path, device: torch.device | None = None,
-                               checkpoint: bytes | None = None) -> Classifier:
+def classifier_from_checkpoint(
+    path: str | Path, device: torch.device | None = None, checkpoint: bytes | None = None
+) -> Classifier:
     """A checkpoint file's model, or (`checkpoint`) that of checkpoint bytes named `path`."""
     from digitnet.checkpoint import load_checkpoint_from  # handles torch.compile'd keys and foreign files
 
@@ -54,8 +56,9 @@ def classifier_from_onnx(model: str | Path | bytes, source: str) -> Classifier:
     import onnxruntime as ort
 
     try:
-        session = ort.InferenceSession(model if isinstance(model, bytes) else str(model),
-                                       providers=ort.get_available_providers())
+        session = ort.InferenceSession(
+            model if isinstance(model, bytes) else str(model), providers=ort.get_available_providers()
+        )
     except Exception as err:  # onnxruntime raises its own exception types for bad protobufs
         raise DigitnetError(f"{source} is not a loadable ONNX model ({str(err).splitlines()[0][:200]})") from None
     meta = session.get_modelmeta().custom_metadata_map  # written by digitnet.export
@@ -104,8 +107,9 @@ def _any_batch(model: str | Path | bytes, session, ort):
 def classifier_from_record(record, device: torch.device | None = None) -> Classifier:
     """A registry record's stored checkpoint, else its checkpoint file if still on disk, else its stored ONNX bytes."""
     if record.ckpt:
-        classifier = classifier_from_checkpoint(f"registry model {record.id[:8]} (stored checkpoint)", device,
-                                                record.ckpt)
+        classifier = classifier_from_checkpoint(
+            f"registry model {record.id[:8]} (stored checkpoint)", device, record.ckpt
+        )
     elif record.checkpoint and Path(record.checkpoint).is_file():
         classifier = classifier_from_checkpoint(record.checkpoint, device)
         classifier.source = f"registry model {record.id[:8]} ({record.checkpoint})"
@@ -119,24 +123,33 @@ def classifier_from_record(record, device: torch.device | None = None) -> Classi
     return classifier
 
 
-def load_classifier(spec: str, registry_url: str | None = None, device: torch.device | None = None,
-                    metric: str = "test/acc", include_partial: bool = False) -> Classifier:
+def load_classifier(
+    spec: str,
+    registry_url: str | None = None,
+    device: torch.device | None = None,
+    metric: str = "test/acc",
+    include_partial: bool = False,
+) -> Classifier:
     """`spec` = a .ckpt or .onnx file, `best` / `best:<dataset>` (by `metric`; models tested on part
     of the test split only if `include_partial`), or a registry id."""
     from digitnet.registry import Registry
 
     path = Path(spec)
     if path.is_file():
-        classifier = (classifier_from_onnx(path, str(path)) if path.suffix == ".onnx"
-                      else classifier_from_checkpoint(path, device))
+        classifier = (
+            classifier_from_onnx(path, str(path))
+            if path.suffix == ".onnx"
+            else classifier_from_checkpoint(path, device)
+        )
         classifier.model_id = str(path.resolve())
         return classifier
     if path.suffix in (".ckpt", ".onnx") or os.sep in spec:
         raise DigitnetError(f"model file {spec} not found")
     with Registry(registry_url) as registry:
         if spec == "best" or spec.startswith("best:"):
-            record = registry.best(metric, "min" if "loss" in metric else "max", include_partial,
-                                   dataset=spec[5:] or None)
+            record = registry.best(
+                metric, "min" if "loss" in metric else "max", include_partial, dataset=spec[5:] or None
+            )
         else:
             record = registry.get(spec)
         return classifier_from_record(registry.get(record.id, with_onnx=True, with_ckpt=True), device)

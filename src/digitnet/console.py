@@ -132,7 +132,9 @@ def log_error_to_file(message: str, exc_info: bool = False) -> None:
 def progress(iterable=None, *, desc: str, total: int | None = None, enabled: bool = True) -> tqdm:
     """A tqdm bar on stderr that disappears when done; none when `enabled` is false or stderr is
     not a terminal (a redirected console would fill with redrawn bars)."""
-    return tqdm(iterable, desc=desc, total=total, disable=True if not enabled else None, leave=False, dynamic_ncols=True)
+    return tqdm(
+        iterable, desc=desc, total=total, disable=True if not enabled else None, leave=False, dynamic_ncols=True
+    )
 
 
 def _fmt(value: float) -> str:
@@ -154,9 +156,17 @@ def result_line(metrics: dict, fast_dev_run: int, tested: bool) -> str:
     names = sorted(n for n in metrics if n.startswith("test/") and n not in counts) + ["val/acc_best"]
     epochs = metrics["epochs"]
     tested, split = (int(metrics.get(n, 0)) for n in counts)
-    over = "" if not tested else f"over {tested} test images " if tested == split else f"over {tested} of {split} test images "
-    return (f"result: {metrics_text(metrics, names)} {over}"
-            f"({epochs} epoch{'' if epochs == 1 else 's'} in {metrics['train_seconds']:.0f} s of training)")
+    over = (
+        ""
+        if not tested
+        else f"over {tested} test images "
+        if tested == split
+        else f"over {tested} of {split} test images "
+    )
+    return (
+        f"result: {metrics_text(metrics, names)} {over}"
+        f"({epochs} epoch{'' if epochs == 1 else 's'} in {metrics['train_seconds']:.0f} s of training)"
+    )
 
 
 class EpochLog(L.Callback):

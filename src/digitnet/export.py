@@ -113,8 +113,10 @@ def _check_output(model: nn.Module, class_names: list[str], data_name: str) -> N
         probs = model(torch.zeros(1, 1, 28, 28))
     shape = list(probs.shape)
     if shape != [1, len(class_names)]:
-        raise DigitnetError(f"the model outputs {shape} for {len(class_names)} class names; "
-                            f"it needs [1, {len(class_names)}] (one probability per class)")
+        raise DigitnetError(
+            f"the model outputs {shape} for {len(class_names)} class names; "
+            f"it needs [1, {len(class_names)}] (one probability per class)"
+        )
     if data_name in EXERCISE_DATASETS and len(class_names) != NUM_CLASSES:
         raise DigitnetError(
             f"data.name={data_name} models are for the exercise, whose contract is [1,1,28,28] -> "
@@ -154,8 +156,9 @@ def _set_metadata(proto: onnx.ModelProto, entries: dict[str, str]) -> None:
         proto.metadata_props.add(key=key, value=value)
 
 
-def _onnx_probabilities(proto: onnx.ModelProto, images: torch.Tensor, desc: str = "onnxruntime",
-                        progress_bar: bool = True) -> np.ndarray:
+def _onnx_probabilities(
+    proto: onnx.ModelProto, images: torch.Tensor, desc: str = "onnxruntime", progress_bar: bool = True
+) -> np.ndarray:
     """Run the file's bytes in onnxruntime over float [N,1,28,28] images, in batches if the graph allows."""
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     batch_dim = session.get_inputs()[0].shape[0]
@@ -172,7 +175,9 @@ def _check_contract(proto: onnx.ModelProto) -> None:
         raise DigitnetError(f"exported graph fails onnx.checker: {str(err).splitlines()[0]}") from None
     opsets = {o.domain or "ai.onnx": o.version for o in proto.opset_import}
     if proto.ir_version > IR_VERSION or opsets.get("ai.onnx", 0) > OPSET:
-        raise DigitnetError(f"exported graph has IR {proto.ir_version}, opsets {opsets}; the exercise needs IR <= 8, opset <= 17")
+        raise DigitnetError(
+            f"exported graph has IR {proto.ir_version}, opsets {opsets}; the exercise needs IR <= 8, opset <= 17"
+        )
 
 
 def _test_images(
@@ -224,16 +229,19 @@ def export_onnx(
             f"test acc ONNX {onnx_acc:.4f} vs PyTorch {torch_acc:.4f}; the model uses an op that "
             "exports differently, please report it with the model config"
         )
-    _set_metadata(proto, {
-        "dataset": data_name,
-        "class_names": json.dumps(class_names),
-        "model_name": str(hparams["model"]["name"]),
-        "test_accuracy": f"{onnx_acc:.4f}",
-        "test_images": str(len(y)),
-        "input_convention": INPUT_CONVENTION,
-        "output": f"float32 [N,{len(class_names)}] class probabilities (softmax), argmax = predicted class",
-        "digitnet_version": digitnet.__version__,
-    })
+    _set_metadata(
+        proto,
+        {
+            "dataset": data_name,
+            "class_names": json.dumps(class_names),
+            "model_name": str(hparams["model"]["name"]),
+            "test_accuracy": f"{onnx_acc:.4f}",
+            "test_images": str(len(y)),
+            "input_convention": INPUT_CONVENTION,
+            "output": f"float32 [N,{len(class_names)}] class probabilities (softmax), argmax = predicted class",
+            "digitnet_version": digitnet.__version__,
+        },
+    )
     path = Path(path)
     write_atomically(path, lambda tmp: onnx.save(proto, tmp))
     report = ExportReport(path, len(y), torch_acc, onnx_acc, max_abs_diff, time.perf_counter() - start)
@@ -248,6 +256,7 @@ def _write_int8(
     """Dynamic int8 quantisation: int8 weights, activation ranges computed per input at run time,
     so the raw-0-255 / 0-1 / standardised input contract still holds (a calibrated static range
     would clip inputs of another scale)."""
+
     def write(tmp: Path) -> float:
         quantized = _quantize(proto, tmp)
         _check_contract(quantized)
@@ -321,7 +330,7 @@ class OnnxExport(L.Callback):
         if best:
             module = load_checkpoint(best)
         else:
-            warnings.warn("no best checkpoint was saved; exporting the current weights to ONNX instead")
+            warnings.warn("no best checkpoint was saved; exporting the current weights to ONNX instead", stacklevel=1)
             module = pl_module
         data_root = getattr(trainer.datamodule, "root", None)  # verify on the data the run used
         path = Path(self.dirpath or trainer.default_root_dir) / self.filename

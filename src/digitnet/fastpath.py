@@ -85,7 +85,9 @@ def settle(cfg: DictConfig) -> str:
         if precision == AUTO:
             cfg.trainer.precision = precision = chosen[0]
             native = "native" if device.bf16_native else "no native"
-            notes.append(f"precision: {device.type} has {native} bf16" + (f" ({device.detail})" if device.detail else ""))
+            notes.append(
+                f"precision: {device.type} has {native} bf16" + (f" ({device.detail})" if device.detail else "")
+            )
         if channels_last == AUTO:
             cfg.module.channels_last = channels_last = chosen[1]
             kind = "a convolutional" if convolutional else "no convolutional"

@@ -57,9 +57,7 @@ class DigitClassifier(L.LightningModule):
             if not isinstance(switch, bool):
                 raise DigitnetError(f"module.{key}={switch} must be true or false")
         backbone_cfg = dict(model)
-        self.net = nn.Sequential(
-            PerImageStandardize(), build_backbone(num_classes=len(class_names), **backbone_cfg)
-        )
+        self.net = nn.Sequential(PerImageStandardize(), build_backbone(num_classes=len(class_names), **backbone_cfg))
         self.augment = build_augment(aug or {})
         self.mix = build_mix(mixup_alpha, cutmix_alpha, len(class_names))  # None when off
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
@@ -136,7 +134,8 @@ class DigitClassifier(L.LightningModule):
             self.val_acc_best.update(self.checkpoint_metrics["val/acc_best"])
         planned = int(self.trainer.estimated_stepping_batches)
         if self._checkpoint_plan not in (None, planned) and self.hparams.sched.get("name", "none") != "none":
-            # the restored LR schedule keeps its old length: OneCycle would fail when it runs out, cosine would rise again
+            # the restored LR schedule keeps its old length: OneCycle would fail when it runs out, cosine would
+            # rise again
             raise DigitnetError(
                 f"the checkpoint's {self.hparams.sched['name']} LR schedule was planned for {self._checkpoint_plan} "
                 f"steps but this run plans {planned} (trainer.max_epochs, data.batch_size or limit_train_batches "
@@ -198,7 +197,9 @@ class DigitClassifier(L.LightningModule):
     def _log_images(self, tag: str, x: torch.Tensor):
         """A grid of what the model sees (after augmentation), once per epoch."""
         if self.loggers:
-            trackers.log_image(self.loggers, tag, torchvision.utils.make_grid(x[:64].clamp(0, 1), nrow=8), self.current_epoch)
+            trackers.log_image(
+                self.loggers, tag, torchvision.utils.make_grid(x[:64].clamp(0, 1), nrow=8), self.current_epoch
+            )
 
     def _log_confusion(self, tag: str, metric: MulticlassConfusionMatrix):
         if self.loggers and not self.trainer.sanity_checking:

@@ -55,13 +55,21 @@ def constant(optimizer: torch.optim.Optimizer, total_steps: int) -> None:
 
 
 @register_schedule("cosine")
-def cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_frac: float = 0.0,
-           warmup_start_factor: float = 0.01, min_lr: float = 0.0) -> LRScheduler:
+def cosine(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_frac: float = 0.0,
+    warmup_start_factor: float = 0.01,
+    min_lr: float = 0.0,
+) -> LRScheduler:
     """Linear warm-up over the first `warmup_frac` of the steps, then cosine decay to `min_lr`."""
     warmup = int(check_number("sched.warmup_frac", warmup_frac, lambda v: 0 <= v < 1, "in [0, 1)") * total_steps)
     start = check_number("sched.warmup_start_factor", warmup_start_factor, lambda v: 0 < v <= 1, "in (0, 1]")
-    decay = CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup),
-                              eta_min=check_number("sched.min_lr", min_lr, lambda v: v >= 0, ">= 0"))
+    decay = CosineAnnealingLR(
+        optimizer,
+        T_max=max(1, total_steps - warmup),
+        eta_min=check_number("sched.min_lr", min_lr, lambda v: v >= 0, ">= 0"),
+    )
     if warmup == 0:
         return decay
     ramp = LinearLR(optimizer, start_factor=start, total_iters=warmup)
@@ -69,8 +77,13 @@ def cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_frac: floa
 
 
 @register_schedule("onecycle")
-def onecycle(optimizer: torch.optim.Optimizer, total_steps: int, pct_start: float = 0.25,
-             div_factor: float = 25.0, final_div_factor: float = 1e4) -> LRScheduler:
+def onecycle(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    pct_start: float = 0.25,
+    div_factor: float = 25.0,
+    final_div_factor: float = 1e4,
+) -> LRScheduler:
     """OneCycle: the peak LR is the optimizer's, reached after `pct_start` of the steps."""
     pct_start = check_number("sched.pct_start", pct_start, lambda v: 0 < v <= 1, "in (0, 1]")
     if math.isclose(pct_start * total_steps, 1):  # torch divides by the warm-up's steps minus one
@@ -86,7 +99,8 @@ def onecycle(optimizer: torch.optim.Optimizer, total_steps: int, pct_start: floa
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping, total_steps: int) -> dict | None:
-    """The schedule `cfg` names (`name` + its keys) for Lightning, stepped per optimizer step; None for a constant LR."""
+    """The schedule `cfg` names (`name` + its keys) for Lightning, stepped per optimizer step; None for a
+    constant LR."""
     kwargs = {str(k): v for k, v in cfg.items()}
     name = kwargs.pop("name", "none")
     if name not in SCHEDULES:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from digitnet.atomic import write_atomically
 from digitnet.classifier import Classifier, load_classifier
@@ -176,18 +176,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("inputs", nargs="*", help="image files (PNG, JPEG, ...), folders of images, IDX or .npy files")
     parser.add_argument("-k", "--top-k", type=int, default=3, help="probabilities shown per input (default 3)")
     parser.add_argument("--csv", type=Path, help="write all class probabilities to this CSV instead of printing")
-    parser.add_argument("--background", choices=BACKGROUNDS, default="auto",
-                        help="image background: light (ink on paper), dark (like MNIST) or auto-detect (default)")
-    parser.add_argument("--save-prepared", type=Path, metavar="PNG", help="also save the prepared 28x28 inputs as a grid")
-    parser.add_argument("--db", help="registry URL for ids and 'best' (default: env DIGITNET_REGISTRY or outputs/registry.db)")
-    parser.add_argument("--include-partial", action="store_true",
-                        help="'best' also ranks models tested on part of the test split only (trainer.limit_test_batches)")
+    parser.add_argument(
+        "--background",
+        choices=BACKGROUNDS,
+        default="auto",
+        help="image background: light (ink on paper), dark (like MNIST) or auto-detect (default)",
+    )
+    parser.add_argument(
+        "--save-prepared", type=Path, metavar="PNG", help="also save the prepared 28x28 inputs as a grid"
+    )
+    parser.add_argument(
+        "--db", help="registry URL for ids and 'best' (default: env DIGITNET_REGISTRY or outputs/registry.db)"
+    )
+    parser.add_argument(
+        "--include-partial",
+        action="store_true",
+        help="'best' also ranks models tested on part of the test split only (trainer.limit_test_batches)",
+    )
     sql = parser.add_argument_group("inputs from a SQL data table (see `digitnet data`) instead of files")
     sql.add_argument("--from-sql", metavar="URL", help="SQLAlchemy URL of the database")
     sql.add_argument("--table", help="the data table whose rows to classify")
     sql.add_argument("--split", help="classify this split (default: every row without a label)")
-    sql.add_argument("--predictions-table", metavar="NAME",
-                     help="where the predictions go (default: <table>_predictions); a model's earlier rows are replaced")
+    sql.add_argument(
+        "--predictions-table",
+        metavar="NAME",
+        help="where the predictions go (default: <table>_predictions); a model's earlier rows are replaced",
+    )
     sql.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.from_sql:
@@ -231,7 +245,13 @@ def _predict_sql(args: argparse.Namespace) -> int:
         rows = store.read(args.split, labelled=False)  # checks the table before the model is loaded
         classifier = load_classifier(args.model, args.db, include_partial=args.include_partial)
         probs = classifier.probabilities(rows.images[:, None].float() / 255)
-        table = store.write_predictions(args.predictions_table or f"{args.table}_predictions", rows,
-                                        classifier.model_id, probs, classifier.class_names, not args.quiet)
+        table = store.write_predictions(
+            args.predictions_table or f"{args.table}_predictions",
+            rows,
+            classifier.model_id,
+            probs,
+            classifier.class_names,
+            not args.quiet,
+        )
     print(f"wrote {len(rows.ids)} predictions of {classifier.source} into table {table.name!r} at {store.shown_url}")
     return 0

@@ -75,8 +75,10 @@ class ModelRecord:
     @property
     def test_images(self) -> tuple[int | None, int | None]:
         """How many test images the test metrics are over, and how many the test split has (None: unknown)."""
-        return tuple(None if (n := number_or_none(self.metrics.get(key))) is None else int(n)
-                     for key in ("test/images", "test/split_images"))
+        return tuple(
+            None if (n := number_or_none(self.metrics.get(key))) is None else int(n)
+            for key in ("test/images", "test/split_images")
+        )
 
     @property
     def partial_test(self) -> bool:
@@ -294,7 +296,9 @@ class Registry:
         with self._transaction() as conn:
             return self._get(conn, record_id, with_onnx, with_ckpt)
 
-    def _get(self, conn: sa.Connection, record_id: str, with_onnx: bool = False, with_ckpt: bool = False) -> ModelRecord:
+    def _get(
+        self, conn: sa.Connection, record_id: str, with_onnx: bool = False, with_ckpt: bool = False
+    ) -> ModelRecord:
         columns = self._select([name for name, wanted in zip(BLOBS, (with_onnx, with_ckpt)) if wanted])
         prefix = record_id.strip().lower()
         rows = conn.execute(sa.select(*columns).where(MODELS.c.id.startswith(prefix, autoescape=True)).limit(2)).all()
@@ -331,8 +335,9 @@ class Registry:
             records = ranked + [r for r in records if number_or_none(r.metrics.get(sort)) is None]
         return records
 
-    def best(self, metric: str = "test/acc", mode: str = "max", include_partial: bool = False,
-             **filters) -> ModelRecord:
+    def best(
+        self, metric: str = "test/acc", mode: str = "max", include_partial: bool = False, **filters
+    ) -> ModelRecord:
         """The record with the highest (`mode="max"`) or lowest (`"min"`) value of `metric`.
 
         Records tested on part of the test split only (`ModelRecord.partial_test`) are left out
@@ -340,15 +345,19 @@ class Registry:
         """
         if mode not in ("max", "min"):
             raise DigitnetError(f"mode {mode!r} must be 'max' or 'min'")
-        ranked = [r for r in self.list(sort=metric, descending=mode == "max", **filters)
-                  if number_or_none(r.metrics.get(metric)) is not None]
+        ranked = [
+            r
+            for r in self.list(sort=metric, descending=mode == "max", **filters)
+            if number_or_none(r.metrics.get(metric)) is not None
+        ]
         full = ranked if include_partial else [r for r in ranked if not r.partial_test]
         if not full:
             shown = ", ".join(f"{k}={v}" for k, v in filters.items() if v) or "any dataset"
             if ranked:
                 raise DigitnetError(
                     f"no model in registry {self.shown_url} has metric {metric!r} ({shown}) from a whole test split: "
-                    f"{len(ranked)} were tested on part of it (trainer.limit_test_batches); --include-partial ranks them"
+                    f"{len(ranked)} were tested on part of it (trainer.limit_test_batches); "
+                    "--include-partial ranks them"
                 )
             raise DigitnetError(
                 f"no model in registry {self.shown_url} has metric {metric!r} ({shown}); "

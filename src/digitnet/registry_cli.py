@@ -27,8 +27,17 @@ def _tested(record: ModelRecord) -> str:
 def _print_table(records: list[ModelRecord], metrics: list[str]) -> None:
     header = ["id", "created", "dataset", "model", "params", *metrics, "test/images", "tags", "comment"]
     rows = [
-        [r.id[:8], r.created.astimezone().strftime("%Y-%m-%d %H:%M"), r.dataset, r.model, str(r.params or "-"),
-         *(_format_metric(r.metrics.get(m)) for m in metrics), _tested(r), ",".join(r.tags), r.comment]
+        [
+            r.id[:8],
+            r.created.astimezone().strftime("%Y-%m-%d %H:%M"),
+            r.dataset,
+            r.model,
+            str(r.params or "-"),
+            *(_format_metric(r.metrics.get(m)) for m in metrics),
+            _tested(r),
+            ",".join(r.tags),
+            r.comment,
+        ]
         for r in records
     ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
@@ -96,8 +105,11 @@ def _parser() -> argparse.ArgumentParser:
     best.add_argument("--dataset")
     best.add_argument("--model")
     best.add_argument("--tag")
-    best.add_argument("--include-partial", action="store_true",
-                      help="also rank models tested on part of the test split only (trainer.limit_test_batches)")
+    best.add_argument(
+        "--include-partial",
+        action="store_true",
+        help="also rank models tested on part of the test split only (trainer.limit_test_batches)",
+    )
     best.add_argument("--id-only", action="store_true", help="print only the id (for scripts)")
 
     remove = sub.add_parser("remove", help="delete records (files on disk stay)")
@@ -120,23 +132,38 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "list":
             records = registry.list(args.dataset, args.model, args.tag, args.sort, not args.asc)
             if not records:
-                print(f"no models recorded in {registry.shown_url} (matching these filters); "
-                      "every finished `python train.py` run adds one")
+                print(
+                    f"no models recorded in {registry.shown_url} (matching these filters); "
+                    "every finished `python train.py` run adds one"
+                )
                 return 0
             _print_table(records[: args.limit], [m for m in args.metrics.split(",") if m])
         elif args.action == "show":
             record = registry.get(args.id, with_onnx=True, with_ckpt=bool(args.ckpt_out))
             if args.onnx_out:
-                _write_blob(record.onnx, args.onnx_out,
-                            f"model {record.id[:8]} has no ONNX bytes stored (its run wrote no model.onnx)")
+                _write_blob(
+                    record.onnx,
+                    args.onnx_out,
+                    f"model {record.id[:8]} has no ONNX bytes stored (its run wrote no model.onnx)",
+                )
             if args.ckpt_out:
-                _write_blob(record.ckpt, args.ckpt_out, f"model {record.id[:8]} has no checkpoint stored "
-                            "(recorded with registry.store_checkpoint=false or by an older digitnet)")
+                _write_blob(
+                    record.ckpt,
+                    args.ckpt_out,
+                    f"model {record.id[:8]} has no checkpoint stored "
+                    "(recorded with registry.store_checkpoint=false or by an older digitnet)",
+                )
             if not (args.onnx_out or args.ckpt_out):
                 _show(record, args.config)
         elif args.action == "best":
-            record = registry.best(args.metric, "min" if args.min else "max", args.include_partial,
-                                   dataset=args.dataset, model=args.model, tag=args.tag)
+            record = registry.best(
+                args.metric,
+                "min" if args.min else "max",
+                args.include_partial,
+                dataset=args.dataset,
+                model=args.model,
+                tag=args.tag,
+            )
             if args.id_only:
                 print(record.id)
             else:

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from digitnet.data.augment import affine_theta, gaussian_blur
 from digitnet.console import progress
+from digitnet.data.augment import affine_theta, gaussian_blur
 from digitnet.errors import DigitnetError
 
 log = logging.getLogger(__name__)

@@ -29,8 +29,9 @@ OmegaConf.register_new_resolver("relpath", os.path.relpath, replace=True)
 
 def numeric(metrics: Mapping) -> dict[str, float]:
     """The finite numbers of `metrics` (no paths, no flags)."""
-    return {k: v for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return {
+        k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
 
 
 @rank_zero_only

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
@@ -61,8 +62,10 @@ def init_weights(module: DigitClassifier, path: str) -> None:
         module.net.load_state_dict(trained.net.state_dict())
     except RuntimeError as err:  # other layer sizes or number of classes
         reason = str(err).strip().splitlines()[-1].strip()
-        raise DigitnetError(f"init_from={path} does not fit this run's model {dict(module.hparams.model)} "
-                            f"with {len(module.hparams.class_names)} classes: {reason}") from None
+        raise DigitnetError(
+            f"init_from={path} does not fit this run's model {dict(module.hparams.model)} "
+            f"with {len(module.hparams.class_names)} classes: {reason}"
+        ) from None
     log.info("initialised the weights from %s", path)
 
 
@@ -77,8 +80,9 @@ def _scalars(trainer: L.Trainer) -> dict:
     return {k: v.item() for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
 
-def _final_metrics(trainer: L.Trainer, module: DigitClassifier, fit_metrics: dict, fit_seconds: float,
-                   channels_last: bool) -> dict:
+def _final_metrics(
+    trainer: L.Trainer, module: DigitClassifier, fit_metrics: dict, fit_seconds: float, channels_last: bool
+) -> dict:
     metrics = {**fit_metrics, **_scalars(trainer)}
     metrics.update(
         epochs=trainer.current_epoch,
@@ -106,14 +110,19 @@ def _sweep_trial_processes(trainer: L.Trainer) -> Iterator[None]:
     if trial_ranks.job_of_this_rank() is not None:  # one of the processes Lightning started
         yield
         return
-    starts_the_others = (isinstance(launcher, _SubprocessScriptLauncher) and trainer.num_nodes == 1
-                         and not trainer.strategy.cluster_environment.creates_processes_externally)
+    starts_the_others = (
+        isinstance(launcher, _SubprocessScriptLauncher)
+        and trainer.num_nodes == 1
+        and not trainer.strategy.cluster_environment.creates_processes_externally
+    )
     if not (starts_the_others and trial_ranks.is_offered()):
-        raise DigitnetError(f"this sweep trial cannot train in {trainer.world_size} processes (trainer.devices="
-                            f"{trainer.num_devices}, trainer.num_nodes={trainer.num_nodes}): DDP in -m sweeps needs "
-                            "hydra/sweeper=digitnet_optuna with the basic launcher (leave out hydra/launcher=...), "
-                            "strategy=ddp and one node; or leave out trainer=ddp* and train the best trial's config "
-                            "with it")
+        raise DigitnetError(
+            f"this sweep trial cannot train in {trainer.world_size} processes (trainer.devices="
+            f"{trainer.num_devices}, trainer.num_nodes={trainer.num_nodes}): DDP in -m sweeps needs "
+            "hydra/sweeper=digitnet_optuna with the basic launcher (leave out hydra/launcher=...), "
+            "strategy=ddp and one node; or leave out trainer=ddp* and train the best trial's config "
+            "with it"
+        )
     env, threads = dict(os.environ), torch.get_num_threads()  # Lightning sets the DDP variables and threads here
     stuck = False
     try:
@@ -180,8 +189,14 @@ def train(cfg: DictConfig) -> float | list[float]:
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     if not loggers:  # nothing for the LR monitor to write to (Lightning refuses it then)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: L.Trainer = instantiate_checked(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False,
-                                              default_root_dir=run_dir, plugins=[AtomicCheckpointIO()])
+    trainer: L.Trainer = instantiate_checked(
+        cfg.trainer,
+        "trainer",
+        callbacks=callbacks,
+        logger=loggers or False,
+        default_root_dir=run_dir,
+        plugins=[AtomicCheckpointIO()],
+    )
     with _sweep_trial_processes(trainer), trackers.finished_on_failure(loggers):
         start = time.perf_counter()
         trainer.fit(module, datamodule, ckpt_path=cfg.ckpt_path)
@@ -194,8 +209,9 @@ def train(cfg: DictConfig) -> float | list[float]:
 
         # under DDP every process has the synced test metrics, but only rank 0 exported the ONNX model and its
         # clock ran from its own start: its metrics are the run's, and what every process returns
-        metrics = trainer.strategy.broadcast(_final_metrics(trainer, module, fit_metrics, fit_seconds,
-                                                                  cfg.module.channels_last))
+        metrics = trainer.strategy.broadcast(
+            _final_metrics(trainer, module, fit_metrics, fit_seconds, cfg.module.channels_last)
+        )
         if trainer.is_global_zero:
             logged = set(fit_metrics) | set(_scalars(trainer))  # already in the loggers, as curves
             _publish(cfg, trainer, loggers, metrics, logged, run_dir)

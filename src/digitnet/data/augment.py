@@ -99,9 +99,7 @@ def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
     return gaussian_matrix(h)[:, None] @ x @ gaussian_matrix(w)[:, None].transpose(-1, -2)
 
 
-def _elastic_displacement(
-    x: Tensor, alpha_px: float, sigma_px: float, gen: torch.Generator | None
-) -> Tensor:
+def _elastic_displacement(x: Tensor, alpha_px: float, sigma_px: float, gen: torch.Generator | None) -> Tensor:
     """Smooth random displacement field ``[B, H, W, 2]`` in normalised grid units.
 
     White noise smoothed by a Gaussian of ``sigma_px`` (Simard et al. 2003), rescaled so each
@@ -201,9 +199,15 @@ class RandomWarp(BatchOp):
     ``elastic_alpha`` > 0 adds a smooth random displacement (see ``_elastic_displacement``).
     """
 
-    def __init__(self, degrees: float = 0.0, translate: float | Sequence[float] = 0.0,
-                 translate_whole_px: bool = False, scale: Sequence[float] | None = None,
-                 elastic_alpha: float = 0.0, elastic_sigma: float = 4.0) -> None:
+    def __init__(
+        self,
+        degrees: float = 0.0,
+        translate: float | Sequence[float] = 0.0,
+        translate_whole_px: bool = False,
+        scale: Sequence[float] | None = None,
+        elastic_alpha: float = 0.0,
+        elastic_sigma: float = 4.0,
+    ) -> None:
         super().__init__()
         self.degrees = _number("warp.degrees", degrees, 0.0, 180.0)
         self.translate = _pair("warp.translate", translate, 0.0, 1.0)
@@ -232,8 +236,13 @@ class RandomErase(BatchOp):
     each erased pixel with U(0, 1) noise, as Zhong et al. do.
     """
 
-    def __init__(self, p: float = 0.5, scale: Sequence[float] = (0.02, 0.33), ratio: Sequence[float] = (0.3, 3.3),
-                 value: float | str = 0.0) -> None:
+    def __init__(
+        self,
+        p: float = 0.5,
+        scale: Sequence[float] = (0.02, 0.33),
+        ratio: Sequence[float] = (0.3, 3.3),
+        value: float | str = 0.0,
+    ) -> None:
         super().__init__()
         self.p = _number("erase.p", p, 0.0, 1.0)
         self.scale = _range("erase.scale", scale, 1e-6, 1.0)
@@ -362,7 +371,9 @@ class Augment(nn.Sequential):
         if len(self) == 0:
             return x
         if x.dim() != 4 or not x.is_floating_point():
-            raise DigitnetError(f"augmentation expects a float batch [B, C, H, W] in [0, 1], got {x.dtype} {tuple(x.shape)}")
+            raise DigitnetError(
+                f"augmentation expects a float batch [B, C, H, W] in [0, 1], got {x.dtype} {tuple(x.shape)}"
+            )
         return super().forward(x).clamp(0.0, 1.0)
 
 

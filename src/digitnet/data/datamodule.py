@@ -139,8 +139,9 @@ class DigitDataModule(L.LightningDataModule):
         if stage in ("test", None) and self.test_set is None:
             self.test_set = TensorBatches(*self._split("test"))
 
-    def _loader(self, dataset: TensorBatches, batch_size: int, train: bool = False,
-                sampler: Sampler | None = None) -> DataLoader:
+    def _loader(
+        self, dataset: TensorBatches, batch_size: int, train: bool = False, sampler: Sampler | None = None
+    ) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -167,4 +168,3 @@ class DigitDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, self.eval_batch_size, sampler=self._eval_sampler(self.test_set))
-

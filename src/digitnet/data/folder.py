@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import UnidentifiedImageError
 
-from digitnet.errors import DigitnetError
 from digitnet.data.prepare import IMAGE_SUFFIXES, open_image, prepare_digit
+from digitnet.errors import DigitnetError
 
 FOLDER = "custom"  # under the dataset root, beside MNIST/ and FashionMNIST/
 TEST_FRACTION = 0.15
@@ -64,8 +64,9 @@ def split_files(folder: Path, split: str, class_names: Sequence[str] = DIGITS) -
         raise DigitnetError(f"unknown split {split!r}; choose 'train' or 'test'")
     chosen = []
     for label, label_folder in _label_folders(folder, class_names):
-        files = sorted((p for p in label_folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
-                       key=_name_hash)
+        files = sorted(
+            (p for p in label_folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES), key=_name_hash
+        )
         k = _test_count(len(files))
         chosen += [(p, label) for p in (files[:k] if split == "test" else files[k:])]
     if not chosen:
@@ -76,7 +77,7 @@ def split_files(folder: Path, split: str, class_names: Sequence[str] = DIGITS) -
     return sorted(chosen)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _prepared(path: Path, mtime_ns: int, size: int) -> np.ndarray:
     """One file prepared like MNIST; cached per process until the file changes (mtime, size)."""
     try:
@@ -86,8 +87,9 @@ def _prepared(path: Path, mtime_ns: int, size: int) -> np.ndarray:
         raise DigitnetError(f"{path} is not a readable image ({err}); delete or replace it") from None
 
 
-def load_folder_split(folder: str | Path, split: str, class_names: Sequence[str] | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def load_folder_split(
+    folder: str | Path, split: str, class_names: Sequence[str] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Images uint8 [N,28,28] and labels int64 [N] of one split of an image folder."""
     files = split_files(Path(folder), split, class_names or DIGITS)
     images = np.stack([_prepared(p, (s := p.stat()).st_mtime_ns, s.st_size) for p, _ in files])

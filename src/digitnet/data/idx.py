@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,7 +59,10 @@ def _download(dataset: str, root: Path) -> None:
 
 
 def load_split(
-    dataset: str, split: str, root: str | os.PathLike | None = None, download: bool = True,
+    dataset: str,
+    split: str,
+    root: str | os.PathLike | None = None,
+    download: bool = True,
     class_names: Sequence[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Images uint8 [N,28,28] and labels int64 [N] of one split ("train" or "test").
@@ -77,10 +81,8 @@ def load_split(
     folder = root / DATASET_FOLDERS[dataset] / "raw"
     names = [n for pair in SPLIT_FILES.values() for n in pair]
     if download and not all((folder / n).exists() for n in names):
-        try:
+        with contextlib.suppress(Exception):  # offline, blocked, disk full: the message below says what to do
             _download(dataset, root)
-        except Exception:  # offline, blocked, disk full: the message below says what to do
-            pass
     missing = [n for n in SPLIT_FILES[split] if not (folder / n).exists()]
     if missing:
         raise DigitnetError(

@@ -33,7 +33,9 @@ def open_image(path: str | Path) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(path)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise DigitnetError(f"{path} claims over {Image.MAX_IMAGE_PIXELS // 10**6} million pixels; {too_many}") from None
+        raise DigitnetError(
+            f"{path} claims over {Image.MAX_IMAGE_PIXELS // 10**6} million pixels; {too_many}"
+        ) from None
     if image.width * image.height > MAX_PIXELS:
         image.close()
         raise DigitnetError(f"{path} is {image.width}x{image.height} pixels; {too_many}")

@@ -84,13 +84,17 @@ class Store:
             if create:
                 path.parent.mkdir(parents=True, exist_ok=True)
             elif not path.is_file():
-                raise DigitnetError(f"no database at {url}: the file does not exist; "
-                                    f"create it with `digitnet data push mnist --url {url} --table {table}`")
+                raise DigitnetError(
+                    f"no database at {url}: the file does not exist; "
+                    f"create it with `digitnet data push mnist --url {url} --table {table}`"
+                )
             parsed = parsed.set(database=str(path))
         self.url, self.shown_url = parsed.render_as_string(hide_password=False), parsed.render_as_string()
         self.table = table_of(table)
         try:
-            self.engine = sqlite_engine(self.url) if parsed.get_backend_name() == "sqlite" else sa.create_engine(self.url)
+            self.engine = (
+                sqlite_engine(self.url) if parsed.get_backend_name() == "sqlite" else sa.create_engine(self.url)
+            )
         except (exc.ArgumentError, exc.NoSuchModuleError, ImportError) as err:
             raise DigitnetError(f"cannot open database {self.shown_url}: {err}") from None
 
@@ -126,8 +130,10 @@ class Store:
             raise DigitnetError(f"no {where}; push one with `digitnet data push mnist --url URL --table {table.name}`")
         found = sorted(c["name"] for c in inspector.get_columns(table.name))
         if found != sorted(table.c.keys()):
-            raise DigitnetError(f"{where} has columns {found}, not {sorted(table.c.keys())}: it is not one of "
-                                "digitnet's tables; choose another table name")
+            raise DigitnetError(
+                f"{where} has columns {found}, not {sorted(table.c.keys())}: it is not one of "
+                "digitnet's tables; choose another table name"
+            )
 
     # ------------------------------------------------------------------ writing
 
@@ -137,8 +143,10 @@ class Store:
             if len(images) == 0:
                 raise DigitnetError(f"nothing to push into split {split!r} of {self.where}: no images")
             if tuple(images.shape[1:]) != (28, 28) or (labels is not None and len(labels) != len(images)):
-                raise DigitnetError(f"split {split!r}: images {tuple(images.shape)} with "
-                                    f"{None if labels is None else len(labels)} labels; expected [N,28,28] and N labels")
+                raise DigitnetError(
+                    f"split {split!r}: images {tuple(images.shape)} with "
+                    f"{None if labels is None else len(labels)} labels; expected [N,28,28] and N labels"
+                )
         with self.transaction() as conn:
             self.table.create(conn, checkfirst=True)
             self.check_table(conn)
@@ -147,22 +155,32 @@ class Store:
                 self._insert(conn, split, images, labels, progress)
         return sum(len(images) for images, _ in splits.values())
 
-    def _insert(self, conn: sa.Connection, split: str, images: torch.Tensor, labels: torch.Tensor | None,
-                progress: bool) -> None:
+    def _insert(
+        self, conn: sa.Connection, split: str, images: torch.Tensor, labels: torch.Tensor | None, progress: bool
+    ) -> None:
         pixels = images.reshape(len(images), PIXELS).numpy()
         label_list = [None] * len(images) if labels is None else labels.tolist()
         copy = conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg2"
-        with tqdm(total=len(images), desc=f"{self.table.name}/{split}", unit=" rows", file=sys.stderr,
-                  disable=not progress, leave=False) as bar:
+        with tqdm(
+            total=len(images),
+            desc=f"{self.table.name}/{split}",
+            unit=" rows",
+            file=sys.stderr,
+            disable=not progress,
+            leave=False,
+        ) as bar:
             for start in range(0, len(images), BATCH_ROWS):
                 stop = min(start + BATCH_ROWS, len(images))
                 if copy:
                     self._copy(conn, split, start, pixels[start:stop], label_list[start:stop])
                 else:
-                    conn.execute(self.table.insert(), [
-                        {"split": split, "id": i, "label": label_list[i], "pixels": pixels[i].tobytes()}
-                        for i in range(start, stop)
-                    ])
+                    conn.execute(
+                        self.table.insert(),
+                        [
+                            {"split": split, "id": i, "label": label_list[i], "pixels": pixels[i].tobytes()}
+                            for i in range(start, stop)
+                        ],
+                    )
                 bar.update(stop - start)
 
     def _copy(self, conn: sa.Connection, split: str, first_id: int, pixels: np.ndarray, labels: list) -> None:
@@ -183,7 +201,8 @@ class Store:
         with self.transaction() as conn:
             self.check_table(conn)
             query = sa.select(self.table.c.split, sa.func.count(), sa.func.count(self.table.c.label)).group_by(
-                self.table.c.split)
+                self.table.c.split
+            )
             return {split: (rows, labelled) for split, rows, labelled in conn.execute(query)}
 
     def read(self, split: str | None = None, labelled: bool = True) -> Rows:
@@ -198,40 +217,57 @@ class Store:
         splits, ids, labels, blobs = (tuple(column) for column in zip(*rows)) if rows else ((), (), (), ())
         return self._rows(split, splits, ids, labels, blobs, labelled)
 
-    def _rows(self, split: str | None, splits: tuple, ids: tuple, labels: tuple, blobs: tuple,
-              labelled: bool) -> Rows:
+    def _rows(self, split: str | None, splits: tuple, ids: tuple, labels: tuple, blobs: tuple, labelled: bool) -> Rows:
         what = f"split {split!r}" if split else "unlabelled rows"
         if not ids:
             raise DigitnetError(f"{self.where} has no {what}; push them with `digitnet data push`")
         bad = next((i for i, blob in zip(ids, blobs) if len(blob) != PIXELS), None)
         if bad is not None:
-            raise DigitnetError(f"{self.where}: {what} row id={bad} holds {len(blobs[ids.index(bad)])} pixel bytes, "
-                                f"not {PIXELS}; push the data again")
+            raise DigitnetError(
+                f"{self.where}: {what} row id={bad} holds {len(blobs[ids.index(bad)])} pixel bytes, "
+                f"not {PIXELS}; push the data again"
+            )
         if labelled and None in labels:
-            raise DigitnetError(f"{self.where}: {what} row id={ids[labels.index(None)]} has no label; "
-                                "training needs every train and test row labelled")
+            raise DigitnetError(
+                f"{self.where}: {what} row id={ids[labels.index(None)]} has no label; "
+                "training needs every train and test row labelled"
+            )
         images = torch.from_numpy(np.frombuffer(b"".join(blobs), np.uint8).reshape(-1, 28, 28).copy())
         return Rows(list(splits), torch.tensor(ids), images, torch.tensor(labels) if labelled else None)
 
-    def write_predictions(self, table: str, rows: Rows, model_id: str, probs: torch.Tensor,
-                          class_names: list[str], progress: bool = True) -> sa.Table:
+    def write_predictions(
+        self, table: str, rows: Rows, model_id: str, probs: torch.Tensor, class_names: list[str], progress: bool = True
+    ) -> sa.Table:
         """Replace `model_id`'s predictions for the splits of `rows` by these, in one transaction."""
         predictions = predictions_table_of(table)
         confidence, predicted = probs.max(1)
         created = datetime.now(timezone.utc)
         values = [
-            {"input_split": split, "input_id": i, "model_id": model_id, "predicted": k, "class_name": class_names[k],
-             "confidence": c, "probabilities": p, "created": created}
-            for split, i, k, c, p in zip(rows.splits, rows.ids.tolist(), predicted.tolist(), confidence.tolist(),
-                                         probs.tolist())
+            {
+                "input_split": split,
+                "input_id": i,
+                "model_id": model_id,
+                "predicted": k,
+                "class_name": class_names[k],
+                "confidence": c,
+                "probabilities": p,
+                "created": created,
+            }
+            for split, i, k, c, p in zip(
+                rows.splits, rows.ids.tolist(), predicted.tolist(), confidence.tolist(), probs.tolist()
+            )
         ]
         with self.transaction() as conn:
             predictions.create(conn, checkfirst=True)
             self.check_table(conn, predictions)
-            conn.execute(predictions.delete().where(predictions.c.model_id == model_id,
-                                                    predictions.c.input_split.in_(set(rows.splits))))
-            with tqdm(total=len(values), desc=table, unit=" rows", file=sys.stderr, disable=not progress,
-                      leave=False) as bar:
+            conn.execute(
+                predictions.delete().where(
+                    predictions.c.model_id == model_id, predictions.c.input_split.in_(set(rows.splits))
+                )
+            )
+            with tqdm(
+                total=len(values), desc=table, unit=" rows", file=sys.stderr, disable=not progress, leave=False
+            ) as bar:
                 for start in range(0, len(values), BATCH_ROWS):
                     conn.execute(predictions.insert(), values[start : start + BATCH_ROWS])
                     bar.update(len(values[start : start + BATCH_ROWS]))
@@ -251,8 +287,10 @@ class SqlDataModule(DigitDataModule):
         with Store(self.url, self.table) as store:
             rows = store.read(split)
         if int(rows.labels.max()) >= len(self.class_names) or int(rows.labels.min()) < 0:
-            raise DigitnetError(f"{store.where}: split {split!r} has labels outside 0..{len(self.class_names) - 1} "
-                                f"(data.class_names lists {len(self.class_names)} classes)")
+            raise DigitnetError(
+                f"{store.where}: split {split!r} has labels outside 0..{len(self.class_names) - 1} "
+                f"(data.class_names lists {len(self.class_names)} classes)"
+            )
         return rows.images, rows.labels
 
     def prepare_data(self) -> None:

@@ -54,18 +54,26 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--table", required=name != "push", help=table_help)
         return p
 
-    push = command("push", "write a dataset's train and test splits (replacing them if present)",
-                   "table to write (default: the dataset's name)")
+    push = command(
+        "push",
+        "write a dataset's train and test splits (replacing them if present)",
+        "table to write (default: the dataset's name)",
+    )
     push.add_argument("dataset", choices=DATASETS, help="the files to read: mnist, fashion or custom (images)")
     push.add_argument("--root", help="dataset root (default: $DIGITNET_DATA or data/)")
     push.add_argument("--class-names", help="custom: comma-separated label folders in class order (default: 0..9)")
     push.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
-    unlabelled = command("push-unlabelled", f"write images without labels as split {UNLABELLED!r} (replacing it)",
-                         "table to write")
+    unlabelled = command(
+        "push-unlabelled", f"write images without labels as split {UNLABELLED!r} (replacing it)", "table to write"
+    )
     unlabelled.add_argument("inputs", nargs="+", help="image files, folders of images, IDX or .npy files")
-    unlabelled.add_argument("--background", choices=BACKGROUNDS, default="auto",
-                            help="image background: light, dark (like MNIST) or auto-detect (default)")
+    unlabelled.add_argument(
+        "--background",
+        choices=BACKGROUNDS,
+        default="auto",
+        help="image background: light, dark (like MNIST) or auto-detect (default)",
+    )
     unlabelled.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     command("info", "rows per split of a table", "table to describe")

@@ -23,12 +23,15 @@ class CNN(nn.Sequential):
         check_number("dropout_fc", dropout_fc, 0, 1)
         c1, c2 = channels
         super().__init__(
-            nn.Conv2d(1, c1, 3), nn.ReLU(inplace=True),  # 28 -> 26
-            nn.Conv2d(c1, c2, 3), nn.ReLU(inplace=True),  # 26 -> 24
+            nn.Conv2d(1, c1, 3),
+            nn.ReLU(inplace=True),  # 28 -> 26
+            nn.Conv2d(c1, c2, 3),
+            nn.ReLU(inplace=True),  # 26 -> 24
             nn.MaxPool2d(2),  # 24 -> 12
             nn.Dropout(dropout_conv),
             nn.Flatten(),
-            nn.Linear(c2 * 12 * 12, hidden), nn.ReLU(inplace=True),
+            nn.Linear(c2 * 12 * 12, hidden),
+            nn.ReLU(inplace=True),
             nn.Dropout(dropout_fc),
             nn.Linear(hidden, num_classes),
         )

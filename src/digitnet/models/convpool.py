@@ -1,4 +1,5 @@
-"""A small VGG-style net for fast training: `depth` x conv3x3-BN-ReLU then 2x2 max-pool, per stage (28 -> 14 -> 7 -> 3 px).
+"""A small VGG-style net for fast training: `depth` x conv3x3-BN-ReLU then 2x2 max-pool, per stage
+(28 -> 14 -> 7 -> 3 px).
 
 Pooling after every conv keeps the expensive layers at low resolution, so a training step costs
 a fraction of a ResNet's of the same width (which runs whole blocks at 28x28); see the speedrun recipe.
@@ -19,14 +20,23 @@ from digitnet.models import check_count, check_counts, check_number, register
 
 @register("convpool")
 class ConvPoolNet(nn.Sequential):
-    def __init__(self, num_classes: int = 10, widths: Sequence[int] = (16, 32, 64), depth: int = 1,
-                 dropout: float = 0.0, space_to_depth: int = 1, pool_before_norm: bool = False,
-                 global_pool: bool = False):
+    def __init__(
+        self,
+        num_classes: int = 10,
+        widths: Sequence[int] = (16, 32, 64),
+        depth: int = 1,
+        dropout: float = 0.0,
+        space_to_depth: int = 1,
+        pool_before_norm: bool = False,
+        global_pool: bool = False,
+    ):
         check_counts("widths", widths)
         check_count("depth", depth)
         check_number("dropout", dropout, 0, 1)
         if space_to_depth < 1 or 28 % space_to_depth:
-            raise DigitnetError(f"model.space_to_depth={space_to_depth} must divide the 28-px image: 1, 2, 4, 7, 14 or 28")
+            raise DigitnetError(
+                f"model.space_to_depth={space_to_depth} must divide the 28-px image: 1, 2, 4, 7, 14 or 28"
+            )
         size = 28 // space_to_depth
         if size >> len(widths) < 1:
             raise DigitnetError(
@@ -42,7 +52,9 @@ class ConvPoolNet(nn.Sequential):
                 layers.append(nn.Conv2d(cin, width, 3, padding=1, bias=False))
                 layers += [nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
                 cin = width
-            if pool_before_norm:  # max-pool commutes with ReLU and a positively scaled BatchNorm: mostly the statistics change
+            if (
+                pool_before_norm
+            ):  # max-pool commutes with ReLU and a positively scaled BatchNorm: mostly the statistics change
                 layers.insert(-2, pool)
             else:
                 layers.append(pool)

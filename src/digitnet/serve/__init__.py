@@ -17,9 +17,9 @@ from pathlib import Path
 import uvicorn
 
 from digitnet.atomic import unwritable
+from digitnet.classifier import Classifier, classifier_from_onnx
 from digitnet.data.folder import FOLDER
 from digitnet.errors import DigitnetError
-from digitnet.classifier import Classifier, classifier_from_onnx
 from digitnet.serve.app import LOOPBACK_HOSTS, create_app
 
 DEFAULT_COLLECT_DIR = Path("data") / FOLDER  # where `python train.py data=custom` looks by default
@@ -34,8 +34,10 @@ def load_onnx_classifier(spec: str, registry_url: str | None = None) -> Classifi
             raise DigitnetError(f"{spec} has no model.onnx; export one with `digitnet export <checkpoint> -o {path}`")
     if path.is_file():
         if path.suffix != ".onnx":
-            raise DigitnetError(f"{spec} is not an .onnx file; the server runs the exported model: pass a run dir, "
-                                "its model.onnx, or `digitnet export` the checkpoint first")
+            raise DigitnetError(
+                f"{spec} is not an .onnx file; the server runs the exported model: pass a run dir, "
+                "its model.onnx, or `digitnet export` the checkpoint first"
+            )
         return classifier_from_onnx(path, str(path))
     if path.suffix in (".onnx", ".ckpt") or os.sep in spec:
         raise DigitnetError(f"model {spec} not found")
@@ -73,15 +75,19 @@ def check_collect_dir(folder: Path) -> None:
     """Refuse a collect folder this user cannot write, before any drawing is lost (it is made on the first save)."""
     blocker = unwritable(folder)
     if blocker is not None:
-        raise DigitnetError(f"cannot save drawings in {folder}: {blocker} is not a folder you can write; "
-                            "pass --collect-dir <a folder of yours>")
+        raise DigitnetError(
+            f"cannot save drawings in {folder}: {blocker} is not a folder you can write; "
+            "pass --collect-dir <a folder of yours>"
+        )
 
 
 def allowed_hosts(host: str, named: list[str]) -> tuple[str, ...]:
     """The Host names requests may carry: this machine's, the listening address, and the ones the user named."""
     if host in ("0.0.0.0", "::", "") and not named:
-        raise DigitnetError(f"--host {host or repr(host)} opens the pad to the network: name the host names or "
-                            "addresses its users open it by with --allowed-host (repeatable)")
+        raise DigitnetError(
+            f"--host {host or repr(host)} opens the pad to the network: name the host names or "
+            "addresses its users open it by with --allowed-host (repeatable)"
+        )
     listening = f"[{host}]" if ":" in host else host
     return tuple(dict.fromkeys([*LOOPBACK_HOSTS, listening, *named]))
 
@@ -98,16 +104,30 @@ def main(argv: list[str] | None = None) -> int:
         description="A drawing pad in the browser: draw a digit, see the model's top-3 live, and save "
         "labelled drawings into <collect dir>/<label>/ for `python train.py data=custom`.",
     )
-    parser.add_argument("model", help="an .onnx file, a run dir (its model.onnx), a registry id, 'best' or 'best:<dataset>'")
+    parser.add_argument(
+        "model", help="an .onnx file, a run dir (its model.onnx), a registry id, 'best' or 'best:<dataset>'"
+    )
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
-                        help="a host name or address users open the pad by, besides localhost and --host "
-                        "(repeatable; required with --host 0.0.0.0)")
-    parser.add_argument("--collect-dir", type=Path, default=DEFAULT_COLLECT_DIR,
-                        help=f"where drawings go: <collect dir>/<label>/ (default {DEFAULT_COLLECT_DIR}, "
-                        "under the current folder)")
-    parser.add_argument("--db", help="registry URL for ids and 'best' (default: env DIGITNET_REGISTRY or outputs/registry.db)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name or address users open the pad by, besides localhost and --host "
+        "(repeatable; required with --host 0.0.0.0)",
+    )
+    parser.add_argument(
+        "--collect-dir",
+        type=Path,
+        default=DEFAULT_COLLECT_DIR,
+        help=f"where drawings go: <collect dir>/<label>/ (default {DEFAULT_COLLECT_DIR}, under the current folder)",
+    )
+    parser.add_argument(
+        "--db", help="registry URL for ids and 'best' (default: env DIGITNET_REGISTRY or outputs/registry.db)"
+    )
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         raise DigitnetError(f"--port {args.port} must be between 0 and 65535")
@@ -119,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {classifier.source} on http://{shown}:{port}/  (Ctrl-C stops)", flush=True)
-    print(f"drawings are saved in {args.collect_dir.absolute()}/<label>/; {training_hint(args.collect_dir)}",
-          flush=True)
+    print(
+        f"drawings are saved in {args.collect_dir.absolute()}/<label>/; {training_hint(args.collect_dir)}", flush=True
+    )
     app = create_app(classifier, args.collect_dir, hosts)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     server.run(sockets=[sock])

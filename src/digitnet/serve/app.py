@@ -38,10 +38,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from digitnet.errors import DigitnetError
 from digitnet.atomic import WriteError, write_atomically
 from digitnet.classifier import Classifier
 from digitnet.data.prepare import prepare_digit
+from digitnet.errors import DigitnetError
 
 MAX_UPLOAD_BYTES = 2_000_000
 MAX_PIXELS = 2048 * 2048
@@ -166,8 +166,15 @@ class DrawingPad:
 
     async def info(self, request: Request) -> JSONResponse:
         c = self.classifier
-        return JSONResponse({"model": shown_path(c.source), "dataset": c.data_name, "classes": c.class_names,
-                             "collect_dir": self.shown_dir, "counts": self.counts()})
+        return JSONResponse(
+            {
+                "model": shown_path(c.source),
+                "dataset": c.data_name,
+                "classes": c.class_names,
+                "collect_dir": self.shown_dir,
+                "counts": self.counts(),
+            }
+        )
 
     async def predict(self, request: Request) -> JSONResponse:
         return JSONResponse(await self._work(request, self._predict))
@@ -190,8 +197,10 @@ class DrawingPad:
         if not self._folder_safe(label):
             raise HTTPException(400, f"label {label!r} cannot be a folder name")
         saved = await self._work(request, self._save, label)
-        return JSONResponse({"saved": str(saved.relative_to(self.collect_dir)), "label": label,
-                             "counts": self.counts()}, status_code=201)
+        return JSONResponse(
+            {"saved": str(saved.relative_to(self.collect_dir)), "label": label, "counts": self.counts()},
+            status_code=201,
+        )
 
     def _save(self, data: bytes, label: str) -> Path:
         image = decode_image(data)
@@ -219,8 +228,9 @@ async def _disconnected(request: Request, exc: ClientDisconnect) -> Response:
     return Response(status_code=400)  # nobody is left to read it
 
 
-def create_app(classifier: Classifier, collect_dir: str | Path,
-               allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS) -> Starlette:
+def create_app(
+    classifier: Classifier, collect_dir: str | Path, allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
+) -> Starlette:
     """The app serving `classifier` to requests naming one of `allowed_hosts`; drawings go to `collect_dir`/<label>/."""
     pad = DrawingPad(classifier, Path(collect_dir))
     routes = [
@@ -229,5 +239,8 @@ def create_app(classifier: Classifier, collect_dir: str | Path,
         Route("/api/predict", pad.predict, methods=["POST"]),
         Route("/api/collect", pad.collect, methods=["POST"]),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: _error, ClientDisconnect: _disconnected},
-                     middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts, www_redirect=False)])
+    return Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: _error, ClientDisconnect: _disconnected},
+        middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts, www_redirect=False)],
+    )

@@ -36,9 +36,7 @@ def state_counts(study: optuna.Study, n_trials: int) -> Counter[TrialState]:
     return Counter(t.state for t in trials if t.number < n_trials)
 
 
-def claim_trial(
-    study: optuna.Study, storage: optuna.storages.BaseStorage, n_trials: int
-) -> optuna.Trial | None:
+def claim_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, n_trials: int) -> optuna.Trial | None:
     """A new RUNNING trial inside the budget, or None once every budget slot is taken."""
     trials = study.get_trials(deepcopy=False)
     waiting_in_budget = any(t.state == TrialState.WAITING and t.number < n_trials for t in trials)
@@ -51,9 +49,7 @@ def claim_trial(
     if trial.number < n_trials:
         return trial
     # Lost the race for the last slot: give the trial back untouched (no params sampled yet).
-    storage.set_trial_state_values(
-        compat.trial_id(storage, study.study_name, trial.number), TrialState.WAITING
-    )
+    storage.set_trial_state_values(compat.trial_id(storage, study.study_name, trial.number), TrialState.WAITING)
     return None
 
 

@@ -36,8 +36,7 @@ class OptunaPruning(Callback):
         if value is None:
             logged = ", ".join(sorted(trainer.callback_metrics)) or "nothing"
             raise DigitnetError(
-                f"pruning monitors {monitor!r} but training logged {logged}; "
-                "set hydra.sweeper.monitor to one of those"
+                f"pruning monitors {monitor!r} but training logged {logged}; set hydra.sweeper.monitor to one of those"
             )
         pruned = None
         if self.reporter is not None:

@@ -13,6 +13,7 @@ import logging
 import warnings
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +145,7 @@ def _write_plots(study: optuna.Study, plot_dir: Path) -> None:
             continue
         figure = axes.flat[0].figure if hasattr(axes, "flat") else axes.figure
         try:
-            write_atomically(plot_dir / f"{name}.png", lambda tmp: figure.savefig(tmp, format="png", bbox_inches="tight"))
+            write_atomically(plot_dir / f"{name}.png", partial(figure.savefig, format="png", bbox_inches="tight"))
         finally:
             plt.close(figure)
 

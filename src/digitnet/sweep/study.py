@@ -150,22 +150,16 @@ def open_study(
     return study
 
 
-def load_study(
-    storage: str | optuna.storages.RDBStorage, study_name: str, pruner: Any = None
-) -> optuna.Study:
+def load_study(storage: str | optuna.storages.RDBStorage, study_name: str, pruner: Any = None) -> optuna.Study:
     """An existing study (``storage``: a URL or an opened storage), with a clear error if there is
     none of that name."""
     if isinstance(storage, str):
         storage = open_storage(storage)
     try:
-        return optuna.load_study(
-            study_name=study_name, storage=storage, pruner=make_pruner(pruner) if pruner else None
-        )
+        return optuna.load_study(study_name=study_name, storage=storage, pruner=make_pruner(pruner) if pruner else None)
     except KeyError:
         names = ", ".join(s.study_name for s in optuna.get_all_study_summaries(storage)) or "none"
-        raise DigitnetError(
-            f"no study named {study_name!r} in {storage.url}; studies there: {names}"
-        ) from None
+        raise DigitnetError(f"no study named {study_name!r} in {storage.url}; studies there: {names}") from None
 
 
 @contextmanager

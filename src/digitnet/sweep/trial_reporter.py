@@ -17,9 +17,7 @@ from digitnet.sweep.study import load_study, open_storage
 class TrialReporter:
     """Reports ``monitor`` each epoch and raises ``optuna.TrialPruned`` when the pruner says so."""
 
-    def __init__(
-        self, storage: str, study_name: str, trial_number: int, monitor: str, pruner: Any = "none"
-    ) -> None:
+    def __init__(self, storage: str, study_name: str, trial_number: int, monitor: str, pruner: Any = "none") -> None:
         self.monitor = monitor
         rdb = open_storage(storage)
         self.trial = compat.trial_of(load_study(rdb, study_name, pruner=pruner), rdb, trial_number)

@@ -9,7 +9,6 @@
 Anything that is not a sweep (``trainer.max_epochs=3``) is passed unchanged to every trial.
 """
 
-
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -87,9 +86,7 @@ class SearchSpace:
         return lists
 
 
-def parse_search_space(
-    params: Mapping[str, str], arguments: Sequence[str], parser: OverridesParser
-) -> SearchSpace:
+def parse_search_space(params: Mapping[str, str], arguments: Sequence[str], parser: OverridesParser) -> SearchSpace:
     """The sweeper's ``params`` plus the command line (which wins for the same key)."""
     lines = [f"{key}={value}" for key, value in params.items()] + list(arguments)
     try:
@@ -126,9 +123,7 @@ def _param(override: Override) -> Param:
 def _interval(key: str, sweep: IntervalSweep) -> BaseDistribution:
     low, high, log = sweep.start, sweep.end, "log" in sweep.tags
     if not low < high:
-        raise DigitnetError(
-            f"{key}: interval({low}, {high}) is empty; the lower bound must be below the upper"
-        )
+        raise DigitnetError(f"{key}: interval({low}, {high}) is empty; the lower bound must be below the upper")
     if log and low <= 0:
         raise DigitnetError(f"{key}: a log interval needs a positive lower bound, got {low}")
     if isinstance(low, int) and isinstance(high, int):
@@ -138,9 +133,7 @@ def _interval(key: str, sweep: IntervalSweep) -> BaseDistribution:
 
 def _range(key: str, values: list[Any], sweep: RangeSweep) -> BaseDistribution:
     if not values:
-        raise DigitnetError(
-            f"{key}: range({sweep.start}, {sweep.stop}, {sweep.step}) contains no value"
-        )
+        raise DigitnetError(f"{key}: range({sweep.start}, {sweep.stop}, {sweep.step}) contains no value")
     step = abs(sweep.step)
     if all(isinstance(v, int) for v in values):
         return IntDistribution(min(values), max(values), step=step)

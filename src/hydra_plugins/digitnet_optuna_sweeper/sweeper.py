@@ -73,9 +73,7 @@ class DigitnetOptunaSweeper(Sweeper):
         self.launcher = None
         self.task: TrialTask | None = None
 
-    def setup(
-        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
-    ) -> None:
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.hydra_context = hydra_context
         self.config = config
         self.task = TrialTask(task_function)
@@ -130,8 +128,13 @@ class DigitnetOptunaSweeper(Sweeper):
 
         assert self.task is not None
         self.task.study = StudyAccess(
-            storage_url, study.study_name, len(directions), conf.heartbeat_interval,
-            conf.grace_period, self._torch_threads(), os.getpid(),
+            storage_url,
+            study.study_name,
+            len(directions),
+            conf.heartbeat_interval,
+            conf.grace_period,
+            self._torch_threads(),
+            os.getpid(),
         )
         trial_runner = _TrialRunner(self, space, study, storage, n_trials, monitor, storage_url)
         while self._check_failure_rate(study, n_trials):
@@ -162,8 +165,11 @@ class DigitnetOptunaSweeper(Sweeper):
             config.hydra.job.id, config.hydra.job.num = job["id"], job["num"]
         setup_globals()
         result = run_job(
-            hydra_context=self.hydra_context, task_function=self.task.task_function, config=config,
-            job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir",
+            hydra_context=self.hydra_context,
+            task_function=self.task.task_function,
+            config=config,
+            job_dir_key="hydra.sweep.dir",
+            job_subdir_key="hydra.sweep.subdir",
         )
         error = compat.job_error(result)
         if error is not None and not isinstance(error, optuna.TrialPruned | DigitnetError):
@@ -194,9 +200,7 @@ class DigitnetOptunaSweeper(Sweeper):
         pruning = split_spec(_plain(self.conf.pruner), "pruner")[0] != "none"
         if len(directions) > 1:
             if pruning:
-                raise DigitnetError(
-                    "Optuna cannot prune multi-objective trials; set hydra.sweeper.pruner=none"
-                )
+                raise DigitnetError("Optuna cannot prune multi-objective trials; set hydra.sweeper.pruner=none")
             return None
         assert self.config is not None
         monitor = self.conf.monitor or self.config.get("optimized_metric")
@@ -207,19 +211,14 @@ class DigitnetOptunaSweeper(Sweeper):
     def _cap_to_grid(self, space: SearchSpace, n_trials: int) -> int:
         grid = space.grid()
         if grid is None:
-            raise DigitnetError(
-                "the grid sampler needs choice(...) or range(...) parameters, not interval(...)"
-            )
+            raise DigitnetError("the grid sampler needs choice(...) or range(...) parameters, not interval(...)")
         size = math.prod(len(values) for values in grid.values())
         if n_trials > size:
             log.info("the grid has %d points: running %d trials, not %d", size, size, n_trials)
         return min(n_trials, size)
 
     def _check_failure_rate(self, study: optuna.Study, n_trials: int) -> bool:
-        failed = [
-            t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-            if t.number < n_trials
-        ]
+        failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number < n_trials]
         limit = self.conf.max_failure_rate * n_trials
         if len(failed) <= limit:
             return True
@@ -310,15 +309,12 @@ class _TrialRunner:
             stale = compat.stale_trial_ids(self.storage, self.study.study_name)
             attrs = [self.storage.get_trial(self._id(t)).user_attrs for t in batch]
             if not any(
-                WORKER in a and OUTCOME not in a and self._id(t) not in stale
-                for t, a in zip(batch, attrs, strict=True)
+                WORKER in a and OUTCOME not in a and self._id(t) not in stale for t, a in zip(batch, attrs, strict=True)
             ):
                 return
             time.sleep(poll)
 
-    def _finish(
-        self, trial: optuna.Trial, result: JobReturn | None, launch_error: BaseException | None
-    ) -> None:
+    def _finish(self, trial: optuna.Trial, result: JobReturn | None, launch_error: BaseException | None) -> None:
         """Tell the outcome the job stored; without one the trial failed with the job's or the
         launcher's error."""
         frozen = self.storage.get_trial(self._id(trial))

@@ -127,9 +127,7 @@ def objective_values(returned: Any, n_objectives: int) -> list[float]:
     is_list = isinstance(returned, Sequence) and not isinstance(returned, str)
     items = list(returned) if is_list else [returned]
     if len(items) != n_objectives:
-        raise ValueError(
-            f"the task returned {len(items)} value(s) for {n_objectives} sweep direction(s)"
-        )
+        raise ValueError(f"the task returned {len(items)} value(s) for {n_objectives} sweep direction(s)")
     try:
         values = [float(v) for v in items]
     except (TypeError, ValueError):
