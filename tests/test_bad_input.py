@@ -129,7 +129,7 @@ CASES = [
     # top-level keys
     (["seed=-1"], None, "seed=-1 must be in [0, 2**32)"),
     (["seed=1.5"], None, "seed=1.5 must be an integer"),
-    (["channels_last=yes"], None, "channels_last=yes must be true, false or auto"),
+    (["module.channels_last=yes"], None, "module.channels_last=yes must be true, false or auto"),
     (["test=maybe"], None, "test=maybe must be true or false"),
     (["optimized_metric=[]"], None, "optimized_metric=[] must be a metric name or a list of them"),
     # module
