@@ -22,7 +22,16 @@ from postgres_server import BACKENDS, postgres_url  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow  # push, train, evaluate and predict through the database
 
-SHORT = ("model=mlp", "sched=none", "trainer.max_epochs=1", "trainer.limit_train_batches=40", "debug=test", "seed=5")
+# float32, as eval.py evaluates: its test/acc must equal the run's to the image
+SHORT = (
+    "model=mlp",
+    "sched=none",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=40",
+    "debug=test",
+    "seed=5",
+    "trainer.precision=32-true",
+)
 
 
 @pytest.fixture(params=BACKENDS)
