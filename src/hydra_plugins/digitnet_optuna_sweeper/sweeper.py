@@ -150,7 +150,7 @@ class DigitnetOptunaSweeper(Sweeper):
                 break
             trial_runner.run(batch)
         budget.wait_for_running(study, n_trials, poll_seconds=min(conf.heartbeat_interval, 2))
-        self._finish(study, n_trials, sweep_dir)
+        self._finish(study, n_trials, sweep_dir, trial_runner.last_summary)
         return study
 
     def _join_trial(self, job: dict[str, Any]) -> None:
@@ -230,8 +230,10 @@ class DigitnetOptunaSweeper(Sweeper):
             "hydra.sweeper.max_failure_rate"
         )
 
-    def _finish(self, study: optuna.Study, n_trials: int, sweep_dir: Path) -> None:
-        log.info(report.summary_line(study, n_trials))
+    def _finish(self, study: optuna.Study, n_trials: int, sweep_dir: Path, last_summary: str | None) -> None:
+        summary = report.summary_line(study, n_trials)
+        if summary != last_summary:  # else the last trial's line said it already
+            log.info(summary)
         log.info("report written to %s", report.write_report(study, sweep_dir))
 
 
@@ -252,6 +254,7 @@ class _TrialRunner:
         self.n_trials, self.monitor, self.storage_url = n_trials, monitor, storage_url
         self.sweep_dir = Path(sweeper.config.hydra.sweep.dir).absolute()  # type: ignore[union-attr]
         self._ids: dict[int, int] = {}  # trial number -> storage id
+        self.last_summary: str | None = None  # the study's state as last printed
 
     def _id(self, trial: optuna.Trial) -> int:
         if trial.number not in self._ids:
@@ -346,7 +349,8 @@ class _TrialRunner:
             bug = raised if not isinstance(raised, DigitnetError) else None  # a DigitnetError's message says it all
             log.warning("trial #%d failed: %s", trial.number, error, exc_info=bug)
         self.study.tell(trial, values, state=state)
-        log.info(report.summary_line(self.study, self.n_trials))
+        self.last_summary = report.summary_line(self.study, self.n_trials)
+        log.info(self.last_summary)
 
 
 def _suggest(trial: optuna.Trial, param: Param) -> Any:
