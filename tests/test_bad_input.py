@@ -217,8 +217,11 @@ def test_the_table_harness_accepts_a_good_run(tiny_mnist, tmp_path, monkeypatch)
         # Lightning itself would say it from inside fit, after the TensorBoard events file was written
         (["trainer.val_check_interval=3"], None, "trainer.val_check_interval=3 is more than the 2 training batches"),
         (["logger.tensorboard.save_dir={tmp}/a_file"], _a_file, "logger.tensorboard.save_dir={tmp}/a_file cannot be"),
+        # Hydra adds a `+` key without complaint, and no code would read it
+        (["+label_smoothing=0.1"], None, "+label_smoothing=0.1 adds a key that nothing reads; the option is module."),
+        (["+lr=0.1"], None, "+lr=0.1 adds a key that nothing reads; `--cfg job` lists the config's keys"),
     ],
-    ids=["validate", "trainer", "labels", "registry", "val_check_interval", "save_dir"],
+    ids=["validate", "trainer", "labels", "registry", "val_check_interval", "save_dir", "old_key", "added_key"],
 )
 def test_command_line_prints_one_line_and_removes_the_run_dir(
     tiny_mnist, tmp_path, monkeypatch, overrides, damage, message

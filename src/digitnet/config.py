@@ -6,6 +6,7 @@ import functools
 import math
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -83,8 +84,22 @@ def _switch(cfg: DictConfig, key: str) -> None:
     _require(isinstance(value, bool), f"{key}={value} must be true or false")
 
 
+def _check_added_keys(cfg: DictConfig) -> None:
+    """`+key=value` on the command line adds a top-level key that no code reads, e.g. a training
+    option under its old name: refuse it rather than train without it."""
+    if not HydraConfig.initialized():
+        return
+    hydra = HydraConfig.get()
+    for override in hydra.overrides.task:
+        key = override.lstrip("+").split("=", 1)[0]
+        if override.startswith("+") and "." not in key and "/" not in key and key not in hydra.runtime.choices:
+            hint = f"the option is module.{key}" if key in cfg.module else "`--cfg job` lists the config's keys"
+            raise DigitnetError(f"{override} adds a key that nothing reads; {hint}")
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise DigitnetError naming the key, its value and what would be valid."""
+    _check_added_keys(cfg)
     seed = _number(cfg, "seed", integer=True)
     _require(0 <= seed < 2**32, f"seed={cfg.seed} must be in [0, 2**32)")
     for key in (
