@@ -7,9 +7,13 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
+from omegaconf import OmegaConf
 
 from conftest import compose_config
-from digitnet.fastpath import Device, choose, cpu_device, settle, training_device
+from digitnet.fastpath import Device, choose, cpu_device, keep_gradients_channels_last, settle, training_device
+from digitnet.models import build_backbone
+from digitnet.optim import build_optimizer
 from digitnet.train import train
 
 QUIET = [
@@ -109,3 +113,51 @@ def test_one_epoch_with_the_fast_defaults_matches_float32_accuracy(real_data, tm
     assert (fast["precision"], fast["channels_last"]) == choose(training_device("auto"), convolutional=True)
     assert fast["test/images"] == plain["test/images"] == 10_000
     assert abs(fast["test/acc"] - plain["test/acc"]) <= 0.0015, (fast["test/acc"], plain["test/acc"])
+
+
+def _gradients(net: torch.nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One bf16 backward pass of `net` in NHWC: (the gradient arriving at its max-pool, the weight gradients)."""
+    pooled = []
+    pool = next(m for m in net.modules() if isinstance(m, torch.nn.MaxPool2d))
+
+    def record(module, args, out):
+        out.register_hook(pooled.append)
+
+    pool.register_forward_hook(record)
+    torch.manual_seed(0)  # the same dropout masks for every net
+    x = torch.randn(8, 1, 28, 28).to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = torch.nn.functional.cross_entropy(net(x), torch.arange(8))
+    loss.backward()
+    return pooled[0], [p.grad for p in net.parameters()]
+
+
+def test_gradients_flow_back_through_flatten_in_nhwc_unchanged():
+    """keep_gradients_channels_last: the layers before Flatten get their gradient NHWC, the same numbers."""
+    plain, fast = (build_backbone("cnn").to(memory_format=torch.channels_last) for _ in range(2))
+    fast.load_state_dict(plain.state_dict())
+    keep_gradients_channels_last(fast)
+    plain_pooled, plain_grads = _gradients(plain)
+    fast_pooled, fast_grads = _gradients(fast)
+    assert not plain_pooled.is_contiguous(memory_format=torch.channels_last)  # what the hook is for
+    assert fast_pooled.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(fast_pooled, plain_pooled)
+    assert all(torch.equal(a, b) for a, b in zip(fast_grads, plain_grads))
+
+
+@pytest.mark.parametrize("optim", ["adamw", "sgd"])
+def test_the_shipped_optimizers_update_as_torchs_per_parameter_loop(optim, tmp_path):
+    """conf/optim/ sets foreach=true for speed: the weights after a few steps must be the same bits."""
+    cfg = compose_config(f"optim={optim}", output_dir=tmp_path).optim
+    assert cfg.foreach is True
+    weights = []
+    for foreach in (True, False):
+        torch.manual_seed(0)
+        net = build_backbone("convpool")
+        optimizer = build_optimizer(net, OmegaConf.merge(cfg, {"foreach": foreach}))
+        for _ in range(5):
+            for p in net.parameters():
+                p.grad = torch.randn_like(p)
+            optimizer.step()
+        weights.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
+    assert torch.equal(*weights)

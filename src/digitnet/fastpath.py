@@ -72,6 +72,24 @@ def is_convolutional(model: DictConfig, num_classes: int) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in net.modules())
 
 
+def keep_gradients_channels_last(net: nn.Module) -> None:
+    """Make the gradient that flows back through each nn.Flatten NHWC again.
+
+    Flatten's backward hands an NCHW gradient to the NHWC layers before it, and their backward kernels then
+    convert every tensor they touch (max-pooling's backward, e.g., runs about twice as slow); one conversion of
+    the gradient here saves them. The gradients are the same, bit for bit.
+    """
+
+    def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        (x,) = args
+        if x.requires_grad and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            x.register_hook(lambda grad: grad.contiguous(memory_format=torch.channels_last))
+
+    for module in net.modules():
+        if isinstance(module, nn.Flatten):
+            module.register_forward_pre_hook(hook)
+
+
 def settle(cfg: DictConfig) -> str:
     """Replace `auto` in trainer.precision and module.channels_last by this machine's choice; returns the log line."""
     precision, channels_last = cfg.trainer.get("precision"), cfg.module.channels_last

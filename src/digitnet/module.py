@@ -17,6 +17,7 @@ from digitnet import trackers
 from digitnet.data.augment import build_augment
 from digitnet.ema import EMA
 from digitnet.errors import DigitnetError, check_number
+from digitnet.fastpath import keep_gradients_channels_last
 from digitnet.mix import build_mix
 from digitnet.models import PerImageStandardize, build_backbone
 from digitnet.optim import build_optimizer, build_scheduler
@@ -82,6 +83,7 @@ class DigitClassifier(L.LightningModule):
         """Only for fitting: a checkpoint loaded for export or evaluation keeps the plain layout and forward."""
         if stage == "fit" and self.hparams.channels_last:  # NHWC kernels; [B,1,28,28] inputs are NHWC already
             self.to(memory_format=torch.channels_last)
+            keep_gradients_channels_last(self.net)
         if stage == "fit" and self.hparams.compile:  # in place: state_dict keys (checkpoints) stay the plain net's
             self.net.compile()
 
