@@ -29,8 +29,8 @@ import torchvision
 from hydra import compose, initialize_config_dir
 from torchvision import transforms
 
+from classic import classic_network
 from digitnet.data.idx import data_root
-from digitnet.models import build_backbone
 from digitnet.train import train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -102,7 +102,7 @@ def run_classic(device: str, batches: int, warmup: int) -> float:
     )
     dataset = torchvision.datasets.MNIST(str(data_root()), train=True, transform=transform, download=False)
     loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=1)
-    net = build_backbone("cnn").to(device)
+    net = classic_network().to(device)
     optimizer = torch.optim.Adadelta(net.parameters(), lr=1.0)
     net.train()
     seconds = 0.0

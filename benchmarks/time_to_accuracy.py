@@ -31,9 +31,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torchvision import transforms
 
+from classic import classic_network
 from digitnet.data.idx import data_root, load_split
 from digitnet.fastpath import settle
-from digitnet.models import build_backbone
 from digitnet.train import build_module
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -132,7 +132,7 @@ def run_classic(seed: int, args) -> TrainingClock:
     test_set = torchvision.datasets.MNIST(str(data_root()), train=False, transform=transform, download=False)
     loader = torch.utils.data.DataLoader(train_set, batch_size=64, shuffle=True)
     test_x, test_y = next(iter(torch.utils.data.DataLoader(test_set, batch_size=len(test_set))))
-    net = build_backbone("cnn")
+    net = classic_network()
     optimizer = torch.optim.Adadelta(net.parameters(), lr=1.0)
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
     clock = TrainingClock(lambda: accuracy(net, test_x, test_y), args.eval_every, args.target, args.max_seconds)

@@ -7,6 +7,7 @@ import torch
 
 from digitnet.errors import DigitnetError
 from digitnet.models import BACKBONES, PerImageStandardize, build_backbone
+from digitnet.models.dropout import Dropout
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -62,3 +63,27 @@ def test_standardize_ignores_pixel_scale_and_survives_blank_images():
     assert torch.allclose(out.mean((1, 2, 3)), torch.zeros(4), atol=1e-5)
     blank = layer(torch.full((1, 1, 28, 28), 7.0))
     assert torch.isfinite(blank).all() and blank.abs().max() == 0
+
+
+def test_dropout_keeps_each_value_with_probability_1_minus_p_and_rescales():
+    torch.manual_seed(0)
+    dropout = Dropout(0.25)
+    x = torch.ones(64, 64, 12, 12).to(memory_format=torch.channels_last).requires_grad_()
+    out = dropout(x)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.005  # 590k draws: the standard error is 0.0006
+    assert torch.allclose(out[kept], torch.tensor(1 / 0.75))
+    assert out.is_contiguous(memory_format=torch.channels_last)  # no layout change for the layers around it
+    out.sum().backward()
+    assert torch.equal(x.grad, out.detach())  # the same mask and scale on the way back
+    dropout.eval()
+    assert dropout(x) is x
+
+
+def test_dropout_draws_from_torchs_seeded_generator():
+    dropout = Dropout(0.5)
+    x = torch.ones(1000)
+    torch.manual_seed(1)
+    first = dropout(x)
+    torch.manual_seed(1)
+    assert torch.equal(dropout(x), first) and not torch.equal(dropout(x), first)
