@@ -115,7 +115,7 @@ class DigitClassifier(L.LightningModule):
             self._require_finite_loss()
         if batch_idx == 0:
             self._log_images("train/augmented_samples", batch[0])
-        self.train_acc(preds, y if y.ndim == 1 else y.argmax(1))  # mixed batches: the larger share
+        self.train_acc.update(preds, y if y.ndim == 1 else y.argmax(1))  # mixed batches: the larger share
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
@@ -163,7 +163,7 @@ class DigitClassifier(L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int):
         loss, preds, y = self._step(batch)
-        self.val_acc(preds, y)
+        self.val_acc.update(preds, y)
         self.val_confusion.update(preds, y)
         self.val_loss.update(loss, weight=len(y))
         self.log("val/loss", self.val_loss, prog_bar=True)
@@ -177,7 +177,7 @@ class DigitClassifier(L.LightningModule):
 
     def test_step(self, batch, batch_idx: int):
         loss, preds, y = self._step(batch)
-        self.test_acc(preds, y)
+        self.test_acc.update(preds, y)
         self.test_confusion.update(preds, y)
         self.test_loss.update(loss, weight=len(y))
         self.log("test/loss", self.test_loss)
