@@ -115,9 +115,11 @@ class DigitClassifier(L.LightningModule):
             self._require_finite_loss()
         if batch_idx == 0:
             self._log_images("train/augmented_samples", batch[0])
+        first_of_epoch = not self.train_acc.update_called
         self.train_acc.update(preds, y if y.ndim == 1 else y.argmax(1))  # mixed batches: the larger share
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        if first_of_epoch:  # a metric object is logged once: Lightning computes and resets it at the epoch's end
+            self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
     def _require_finite_loss(self) -> None:
