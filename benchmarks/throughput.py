@@ -4,10 +4,10 @@ Ours is digitnet's own `train()` on the config that command composes, defaults i
 and memory layout chosen for the device, the loggers, callbacks and progress bar); only what comes after
 the training steps is left out (test, ONNX export, registry record). The classic is the plain-PyTorch
 MNIST script most tutorials show: torchvision's MNIST dataset with PIL RandomAffine(10, (0.1, 0.1),
-(0.9, 1.1)) + ToTensor + Normalize, a DataLoader with one worker, the same network (`model=cnn`) in
-float32, batch 64, Adadelta(lr=1.0), a plain loop. Both are timed from batch --warmup to the last of
---batches, alternating, --repeats times; the medians and their ratio to the classic's are printed. Where
-a GPU is present both also run there.
+(0.9, 1.1)) + ToTensor + Normalize, a DataLoader with one worker, the same network (`model=cnn`, with
+torch's nn.Dropout as the example writes it) in float32, batch 64, Adadelta(lr=1.0), a plain loop. Both
+are timed from batch --warmup to the last of --batches, alternating, --repeats times; the medians and
+their ratio to the classic's are printed. Where a GPU is present both also run there.
 
     python benchmarks/throughput.py --batches 200 --repeats 3 \\
         --variant 'trainer.precision=32-true module.channels_last=false'
